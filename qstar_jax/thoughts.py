@@ -1,0 +1,324 @@
+"""Quiet-STaR parameters and the parallel thought rollout.
+
+Parameters of a Quiet-STaR model: {"decoder": Transformer params (vocabulary incl. the two thought
+tokens), "start_embedding": [D], "end_embedding": [D] (both stored divided by
+`embedding_scale`), "mixing_head": MixingHead params}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from qstar_jax.model import (
+    Context,
+    KeyValues,
+    Masks,
+    ModelConfig,
+    Params,
+    Transformer,
+    causal_context,
+    visible,
+)
+
+THOUGHT_TOKENS = 2  # <|startthought|>, <|endthought|>
+
+
+@dataclasses.dataclass(frozen=True)
+class QuietStarConfig:
+    """The decoder plus every Quiet-STaR option; defaults are the authors' code's behaviour."""
+
+    model: ModelConfig  # vocabulary includes the two thought tokens
+    start_thought_id: int
+    end_thought_id: int
+    pad_id: int  # labels equal to it are ignored (the reference pads with EOS)
+    n_ahead: int = 12  # passes from the base pass to the end-of-thought pass, inclusive
+    n_ahead_talk: int = 4  # true future tokens scored after each thought
+    n_passes: int = 2  # rationales per position
+    thought_temperature: float = 1.0
+    greedy_thoughts: bool = False
+    reinforce_temperature: float = 3.0
+    policy_loss_beta: float = 1e6
+    base_loss_beta: float = 1.0
+    original_loss_weight: float = 0.5  # weight of the base-pass CE; talk CEs get 1 - it
+    embedding_scale: float = 100.0
+    remove_negative_rewards: bool = True
+    use_trice_baseline: bool = True
+    mixing_sigmoid: bool = False
+    remat_passes: bool = True  # rematerialise each chain pass in the backward pass
+
+    def __post_init__(self):
+        if self.n_ahead > 1 and self.n_ahead < 3:
+            raise ValueError(
+                f"n_ahead={self.n_ahead}: a thought needs n_ahead >= 3 (or 1 for no thoughts)")
+        if self.n_ahead < 1 or self.n_ahead_talk < 1 or self.n_passes < 1:
+            raise ValueError("n_ahead, n_ahead_talk and n_passes must be >= 1")
+        vocab = self.model.vocab_size
+        for name in ("start_thought_id", "end_thought_id"):
+            if not 0 <= getattr(self, name) < vocab:
+                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary "
+                                 f"({vocab}): the model has no thought tokens")
+
+    def replace(self, **changes) -> QuietStarConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def thinks(self) -> bool:
+        return self.n_ahead > 1
+
+    @property
+    def n_sampled(self) -> int:
+        """Sampled thought tokens between the start and end tokens."""
+        return max(self.n_ahead - 3, 0)
+
+    @property
+    def n_chain_passes(self) -> int:
+        """Chain passes after the base pass: thought tokens, then teacher-forced talk tokens."""
+        return self.n_ahead + self.n_ahead_talk - 2
+
+
+class MixingHead(nn.Module):
+    """Weight of the thought side from concat(h_base, h_thought): Linear-ReLU-Linear-ReLU-Linear."""
+
+    d_model: int
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, h_base_D: jax.Array, h_thought_D: jax.Array) -> jax.Array:
+        dense = lambda n, name, init, bias=True: nn.Dense(  # noqa: E731
+            n, use_bias=bias, param_dtype=jnp.dtype(self.param_dtype), dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(init, ("mix_in", "mix_out")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mix_out",)), name=name,
+        )
+        x = jnp.concatenate([h_base_D, h_thought_D], axis=-1).astype(jnp.float32)
+        x = nn.relu(dense(self.d_model, "hidden_0", nn.initializers.normal(0.02))(x))
+        x = nn.relu(dense(self.d_model, "hidden_1", nn.initializers.normal(0.02))(x))
+        return dense(1, "out", nn.initializers.zeros, bias=False)(x)[..., 0]
+
+
+def add_thought_params(decoder_params: Params, cfg: ModelConfig, init_token_id: int,
+                       rng: jax.Array, embedding_scale: float = 100.0
+                       ) -> tuple[ModelConfig, Params]:
+    """Turn a plain LM into a Quiet-STaR model: two new vocabulary rows, start/end embeddings, head.
+
+    New embedding/head rows are the mean of the existing rows (their logits are always masked);
+    start/end embeddings are the embedding of `init_token_id` (the first token of "---") divided
+    by `embedding_scale`; the mixing head's last layer is zero, so the model starts as the LM.
+    """
+    grown = dict(decoder_params)
+    table = decoder_params["embed"]["embedding"]
+    grow = lambda m: jnp.concatenate([m, jnp.repeat(m.mean(0, keepdims=True), 2, 0)], 0)  # noqa: E731
+    grown["embed"] = {"embedding": grow(table)}
+    if not cfg.tie_embeddings:
+        grown["lm_head"] = {"kernel": grow(decoder_params["lm_head"]["kernel"].T).T}
+    new_cfg = cfg.replace(vocab_size=cfg.vocab_size + THOUGHT_TOKENS)
+    start = (table[init_token_id] / embedding_scale).astype(table.dtype)
+    head = MixingHead(cfg.d_model, cfg.param_dtype).init(
+        rng, jnp.zeros((1, cfg.d_model)), jnp.zeros((1, cfg.d_model)))["params"]
+    params = {"decoder": grown, "start_embedding": start, "end_embedding": start,
+              "mixing_head": nn.unbox(head)}
+    return new_cfg, params
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def decoder(cfg: QuietStarConfig) -> Transformer:
+    return Transformer(cfg.model)
+
+
+def embed_tokens(params: Params, cfg: QuietStarConfig, tokens: jax.Array) -> jax.Array:
+    """Token embeddings [..., D] (thought tokens use `start_end_embeddings`, not these rows)."""
+    shape = tokens.shape
+    x = decoder(cfg).apply({"params": params["decoder"]}, tokens.reshape(1, -1), method="embed")
+    return x.reshape(*shape, -1)
+
+
+def start_end_embeddings(params: Params, cfg: QuietStarConfig) -> tuple[jax.Array, jax.Array]:
+    """Input embeddings [D] of <|startthought|> and <|endthought|> (stored / embedding_scale)."""
+    dt = jnp.dtype(cfg.model.dtype)
+    scale = cfg.embedding_scale
+    return ((params["start_embedding"] * scale).astype(dt),
+            (params["end_embedding"] * scale).astype(dt))
+
+
+def hidden(params: Params, cfg: QuietStarConfig, x_BLD: jax.Array, positions_BL: jax.Array,
+           ctx: Context) -> tuple[jax.Array, KeyValues]:
+    """Decoder hidden states [B, L, D] (final norm applied) and new keys/values."""
+    return decoder(cfg).apply({"params": params["decoder"]}, x_BLD, positions_BL, ctx,
+                              method="hidden")
+
+
+def lm_logits(params: Params, cfg: QuietStarConfig, h: jax.Array) -> jax.Array:
+    """Output-head logits [..., V] in float32."""
+    return decoder(cfg).apply({"params": params["decoder"]}, h, method="logits")
+
+
+def mask_thought_logits(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
+    """Logits with the two thought tokens made impossible (they are never sampled or spoken)."""
+    ids = jnp.array([cfg.start_thought_id, cfg.end_thought_id])
+    return logits_V.at[..., ids].set(-1e10)
+
+
+def mix(params: Params, cfg: QuietStarConfig, h_base_D: jax.Array,
+        h_thought_D: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mixed hidden state (1 - w) * h_base + w * h_thought and the weight w [...]."""
+    w = MixingHead(cfg.model.d_model, cfg.model.param_dtype).apply(
+        {"params": params["mixing_head"]}, h_base_D, h_thought_D)
+    if cfg.mixing_sigmoid:
+        w = jax.nn.sigmoid(w)
+    w_ = w[..., None].astype(h_base_D.dtype)
+    return (1 - w_) * h_base_D + w_ * h_thought_D, w
+
+
+def token_logprob(logits_V: jax.Array, token: jax.Array) -> jax.Array:
+    """log softmax(logits)[token], float32."""
+    logp = jax.nn.log_softmax(logits_V.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, token[..., None], axis=-1)[..., 0]
+
+
+# ----------------------------------------------------------------------------- parallel rollout
+
+
+@flax.struct.dataclass
+class Rollout:
+    """Everything the objective and analysis read from one parallel rollout.
+
+    B batch, P rationales, L positions, S sampled thought tokens, T talk offsets, V vocabulary.
+    """
+
+    base_logits: jax.Array  # [B, L, V] float32
+    base_hidden: jax.Array  # [B, L, D]
+    thought_tokens: jax.Array  # [B, P, L, S] int32
+    thought_logprobs: jax.Array  # [B, P, L, S] log-prob at reinforce_temperature
+    talk_logprobs: jax.Array  # [B, P, T, L] log p_mix(x[j + 1 + t]) (0 past the end)
+    mixing_weights: jax.Array  # [B, P, T, L]
+    talk_logits: jax.Array | None = None  # [B, P, T, L, V], when asked
+
+
+def _shift(x_BL: jax.Array, t: int, fill=0) -> jax.Array:
+    """x[:, j + t] at column j, `fill` past the end."""
+    if t == 0:
+        return x_BL
+    pad = jnp.full(x_BL.shape[:1] + (t,) + x_BL.shape[2:], fill, x_BL.dtype)
+    return jnp.concatenate([x_BL[:, t:], pad], axis=1)
+
+
+def check_batch(cfg: QuietStarConfig, length: int) -> None:
+    """Reject sequences too short for the thought window."""
+    if cfg.n_ahead_talk >= length - 1:
+        raise ValueError(f"n_ahead_talk={cfg.n_ahead_talk} needs sequences longer than "
+                         f"n_ahead_talk + 1 tokens; got length {length}")
+
+
+def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.Array,
+            cfg: QuietStarConfig, thought_tokens: jax.Array | None = None,
+            return_talk_logits: bool = False) -> Rollout:
+    """Base pass once, then the chain passes of every position in parallel for each rationale.
+
+    The chain of position j sees the base keys x[0..j] (one shared causal prefix) and its own
+    earlier chain keys (a per-position buffer), merged in one softmax: O(L^2 + L*k) per pass.
+    `thought_tokens` [B, P, L, S] replaces sampling (tests, analysis).
+    """
+    b, length = tokens_BL.shape
+    check_batch(cfg, length)
+    mcfg = cfg.model
+    positions_BL = jnp.broadcast_to(jnp.arange(length), (b, length))
+    base_ctx = causal_context(positions_BL, mask_BL, mcfg.sliding_window)
+    h_base, base_kv = hidden(params, cfg, embed_tokens(params, cfg, tokens_BL), positions_BL,
+                             base_ctx)
+    base_logits = lm_logits(params, cfg, h_base)
+    s, t_talk = cfg.n_sampled, cfg.n_ahead_talk
+    empty = Rollout(base_logits, h_base, jnp.zeros((b, cfg.n_passes, length, s), jnp.int32),
+                    jnp.zeros((b, cfg.n_passes, length, s)),
+                    jnp.zeros((b, cfg.n_passes, 0, length)),
+                    jnp.zeros((b, cfg.n_passes, 0, length)))
+    if not cfg.thinks:
+        return empty
+
+    n_chain = cfg.n_chain_passes
+    kv_shape = base_kv.k.shape[:3] + (n_chain,) + base_kv.k.shape[3:]  # [N, B, L, C, K, E]
+    start_D, end_D = start_end_embeddings(params, cfg)
+
+    def chain_pass(buffer: KeyValues, x_BLD, k: int | jax.Array):
+        """Pass k >= 1: one new token per chain; its keys go to buffer slot k - 1."""
+        q_pos = positions_BL + k
+        prefix = visible(positions_BL, positions_BL, mask_BL)
+        if mcfg.sliding_window is not None:
+            prefix &= (q_pos[:, :, None] - positions_BL[:, None, :]) < mcfg.sliding_window
+        chain = jnp.broadcast_to(jnp.arange(n_chain) < k - 1, (b, length, n_chain))
+        ctx = Context(Masks(prefix_BLS=prefix, chain_BLC=chain), prefix=base_kv, chain=buffer)
+        h_BLD, kv = hidden(params, cfg, x_BLD, q_pos, ctx)
+        slot = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new, k - 1, 3)  # noqa: E731
+        return h_BLD, KeyValues(slot(buffer.k, kv.k), slot(buffer.v, kv.v))
+
+    maybe_remat = jax.checkpoint if cfg.remat_passes else (lambda f: f)
+
+    @maybe_remat
+    def think_step(carry, xs):
+        """Passes 1..S: feed a token, sample the next thought token from the chain head."""
+        buffer, x_BLD = carry
+        k, key, forced_BL = xs
+        h_BLD, buffer = chain_pass(buffer, x_BLD, k)
+        logits = mask_thought_logits(lm_logits(params, cfg, h_BLD), cfg)
+        if thought_tokens is not None:
+            token_BL = forced_BL
+        elif cfg.greedy_thoughts:
+            token_BL = jnp.argmax(logits, -1)
+        else:
+            token_BL = jax.random.categorical(key, logits / cfg.thought_temperature)
+        token_BL = jax.lax.stop_gradient(token_BL).astype(jnp.int32)
+        logprob = token_logprob(logits / cfg.reinforce_temperature, token_BL)
+        return (buffer, embed_tokens(params, cfg, token_BL)), (token_BL, logprob)
+
+    @maybe_remat
+    def talk_step(buffer, xs):
+        """Passes n_ahead-1 ..: end token then true tokens; mix with the base state, score."""
+        k, x_BLD, h_base_BLD, target_BL = xs
+        h_BLD, buffer = chain_pass(buffer, x_BLD, k)
+        h_mix, w_BL = mix(params, cfg, h_base_BLD, h_BLD)
+        logits = lm_logits(params, cfg, h_mix)
+        out = (token_logprob(logits, target_BL), w_BL)
+        return buffer, out + ((logits,) if return_talk_logits else ())
+
+    # Talk inputs: <|endthought|>, then x[j+1], x[j+2], ...; base states and targets shifted.
+    talk_x = jnp.stack([jnp.broadcast_to(end_D, h_base.shape)] + [
+        embed_tokens(params, cfg, _shift(tokens_BL, t)) for t in range(1, t_talk)])
+    talk_h_base = jnp.stack([_shift(h_base, t) for t in range(t_talk)])
+    talk_targets = jnp.stack([_shift(tokens_BL, t + 1) for t in range(t_talk)])
+    talk_k = jnp.arange(cfg.n_ahead - 1, cfg.n_ahead - 1 + t_talk)
+
+    def one_rationale(key, forced_BLS):
+        buffer = KeyValues(jnp.zeros(kv_shape, base_kv.k.dtype),
+                           jnp.zeros(kv_shape, base_kv.v.dtype))
+        x0 = jnp.broadcast_to(start_D, h_base.shape)
+        forced = jnp.moveaxis(forced_BLS, -1, 0)  # [S, B, L]
+        (buffer, x_last), (tokens_S, logprobs_S) = jax.lax.scan(
+            think_step, (buffer, x0), (jnp.arange(1, s + 1), jax.random.split(key, s), forced))
+        # Pass n_ahead-2 feeds the last sampled token; only its keys are needed.
+        _, buffer = maybe_remat(chain_pass)(buffer, x_last, jnp.int32(cfg.n_ahead - 2))
+        _, talk = jax.lax.scan(talk_step, buffer, (talk_k, talk_x, talk_h_base, talk_targets))
+        return (jnp.moveaxis(tokens_S, 0, -1), jnp.moveaxis(logprobs_S, 0, -1)) + talk
+
+    if thought_tokens is None:
+        forced_all = jnp.zeros((cfg.n_passes, b, length, s), jnp.int32)
+    else:
+        expected = (b, cfg.n_passes, length, s)
+        if tuple(thought_tokens.shape) != expected:
+            raise ValueError(f"thought_tokens has shape {tuple(thought_tokens.shape)}, "
+                             f"expected [B, n_passes, L, n_ahead - 3] = {expected}")
+        forced_all = jnp.moveaxis(thought_tokens.astype(jnp.int32), 1, 0)
+    out = jax.vmap(one_rationale)(jax.random.split(rng, cfg.n_passes), forced_all)
+    tokens_PBLS, logprobs_PBLS, talk_lp_PTBL, w_PTBL = out[:4]
+    swap = lambda x: jnp.moveaxis(x, 0, 1)  # noqa: E731  [P, B, ...] -> [B, P, ...]
+    talk_first = lambda x: jnp.moveaxis(x, (0, 1, 2), (1, 2, 0))  # noqa: E731  [P,T,B] -> [B,P,T]
+    return Rollout(
+        base_logits=base_logits, base_hidden=h_base,
+        thought_tokens=swap(tokens_PBLS), thought_logprobs=swap(logprobs_PBLS),
+        talk_logprobs=talk_first(talk_lp_PTBL), mixing_weights=talk_first(w_PTBL),
+        talk_logits=talk_first(out[4]) if return_talk_logits else None,
+    )

@@ -1,0 +1,313 @@
+"""HF checkpoints <-> qstar_jax: logits against transformers' own models, exact round trips,
+the Quiet-STaR release layout and the error messages for bad checkpoints."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+from qstar_jax import convert
+from qstar_jax.model import Transformer
+from qstar_jax.thoughts import QuietStarConfig, add_thought_params
+
+L = 12
+SMALL = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+             max_position_embeddings=64)
+CASES = {
+    "llama_gqa": (transformers.LlamaConfig, dict(
+        rope_parameters={"rope_type": "default", "rope_theta": 5e4})),
+    "llama_tied": (transformers.LlamaConfig, dict(
+        tie_word_embeddings=True, num_key_value_heads=4, rms_norm_eps=3e-6)),
+    "llama3_scaling": (transformers.LlamaConfig, dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "mistral_window": (transformers.MistralConfig, dict(
+        sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+}
+TOKENS = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (2, L))
+MASK = np.arange(L)[None, :] < np.array([[L], [L - 4]])  # second row right-padded
+
+
+def random_hf_model(config_cls, overrides, seed=0):
+    """A small transformers causal LM with every weight random (norm scales around 1)."""
+    torch.manual_seed(seed)
+    config = config_cls(**{**SMALL, **overrides}, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, tokens=TOKENS, mask=MASK):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int)))
+    return out.logits.float().numpy()
+
+
+def our_logits(cfg, params, tokens=TOKENS, mask=MASK):
+    return np.asarray(Transformer(cfg).apply({"params": params}, jnp.asarray(tokens),
+                                             valid_BL=jnp.asarray(mask)))
+
+
+def load_hf(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def tensors_of(directory):
+    """Every tensor of an HF directory's safetensors files, by name."""
+    out = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        out.update(safetensors.numpy.load_file(file))
+    return out
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def saved(request, tmp_path_factory):
+    """(HF model, its saved directory, its logits) for each case."""
+    config_cls, overrides = CASES[request.param]
+    model = random_hf_model(config_cls, overrides)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return model, path, hf_logits(model)
+
+
+def test_import_matches_transformers(saved):
+    model, path, expected = saved
+    cfg, params = convert.from_hf(path)
+    assert cfg.vocab_size == SMALL["vocab_size"]
+    assert cfg.n_kv_heads == model.config.num_key_value_heads
+    assert cfg.tie_embeddings == model.config.tie_word_embeddings
+    assert cfg.sliding_window == getattr(model.config, "sliding_window", None)
+    got = our_logits(cfg, params)
+    assert np.abs(got - expected)[MASK].max() <= 1e-4
+
+
+def test_export_reproduces_every_tensor(saved, tmp_path):
+    model, path, expected = saved
+    cfg, params = convert.from_hf(path)
+    convert.to_hf(params, cfg, tmp_path / "out")
+    original, exported = tensors_of(path), tensors_of(tmp_path / "out")
+    assert sorted(original) == sorted(exported)
+    for name, w in original.items():
+        assert exported[name].dtype == w.dtype and np.array_equal(exported[name], w), name
+    reloaded = load_hf(tmp_path / "out")
+    assert type(reloaded) is type(model)
+    assert np.abs(hf_logits(reloaded) - expected)[MASK].max() <= 1e-6
+
+
+def test_v4_style_config(saved, tmp_path):
+    _, path, expected = saved
+    v4 = tmp_path / "v4"
+    v4.mkdir()
+    for file in path.iterdir():
+        (v4 / file.name).write_bytes(file.read_bytes())
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    if rope["rope_type"] != "default":
+        config["rope_scaling"] = rope
+    config["torch_dtype"] = config.pop("dtype")
+    (v4 / "config.json").write_text(json.dumps(config))
+    cfg, params = convert.from_hf(v4)
+    assert cfg == convert.from_hf(path)[0]
+    assert np.abs(our_logits(cfg, params) - expected)[MASK].max() <= 1e-4
+
+
+def test_unscanned_layers(saved):
+    _, path, expected = saved
+    cfg, params = convert.from_hf(path, scan_layers=False)
+    assert not cfg.scan_layers and "layers_1" in params and "layers" not in params
+    assert np.abs(our_logits(cfg, params) - expected)[MASK].max() <= 1e-4
+
+
+def test_sharded_both_ways(tmp_path):
+    model = random_hf_model(*CASES["llama_gqa"])
+    model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / convert.INDEX).is_file()
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+    cfg, params = convert.from_hf(tmp_path / "hf")
+    assert np.abs(our_logits(cfg, params) - hf_logits(model))[MASK].max() <= 1e-4
+
+    convert.to_hf(params, cfg, tmp_path / "out", max_shard_size=20_000)
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / convert.INDEX).read_text())
+    exported = tensors_of(tmp_path / "out")
+    assert set(index["weight_map"]) == set(exported)
+    assert index["metadata"]["total_size"] == sum(w.nbytes for w in exported.values())
+    original = tensors_of(tmp_path / "hf")
+    assert sorted(original) == sorted(exported)
+    assert all(np.array_equal(exported[n], w) for n, w in original.items())
+    assert np.array_equal(hf_logits(load_hf(tmp_path / "out")), hf_logits(model))
+
+
+# ----------------------------------------------------------------------------- Quiet-STaR layout
+
+
+@pytest.fixture(scope="module")
+def quiet_star_export(tmp_path_factory):
+    """A tiny Quiet-STaR model with a non-zero mixing head, exported with its settings."""
+    model = random_hf_model(*CASES["mistral_window"])
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path)
+    base_cfg, base = convert.from_hf(path)
+    cfg, params = add_thought_params(base, base_cfg, init_token_id=7, rng=jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(1), 8))
+    params["mixing_head"] = jax.tree.map(
+        lambda x: jax.random.normal(next(keys), x.shape), params["mixing_head"])
+    params["end_embedding"] = params["end_embedding"] * 2  # distinguishable from the start one
+    qcfg = QuietStarConfig(model=cfg, start_thought_id=102, end_thought_id=101, pad_id=0,
+                           n_ahead=5, n_ahead_talk=3, n_passes=1, mixing_sigmoid=True)
+    out = tmp_path_factory.mktemp("qstar") / "export"
+    convert.to_hf(params, cfg, out, quiet_star=qcfg)
+    return cfg, params, qcfg, out
+
+
+def test_quiet_star_release_layout(quiet_star_export):
+    cfg, params, qcfg, out = quiet_star_export
+    d = cfg.d_model
+    tensors = tensors_of(out)
+    shapes = {n: list(tensors[n].shape) for n in tensors if not n.startswith(("model.", "lm_"))}
+    assert shapes == {"start_embedding": [2, d], "end_embedding": [2, d],
+                      "talk_head.0.0.weight": [d, 2 * d], "talk_head.0.0.bias": [d],
+                      "talk_head.0.2.weight": [d, d], "talk_head.0.2.bias": [d],
+                      "talk_head.0.4.weight": [1, d]}
+    head = params["mixing_head"]
+    head = jax.tree.map(np.asarray, head)
+    assert np.array_equal(tensors["talk_head.0.0.weight"], head["hidden_0"]["kernel"].T)
+    assert np.array_equal(tensors["talk_head.0.2.bias"], head["hidden_1"]["bias"])
+    assert np.array_equal(tensors["talk_head.0.4.weight"][0], head["out"]["kernel"][:, 0])
+    assert np.array_equal(tensors["end_embedding"][0], np.asarray(params["end_embedding"]))
+    assert not tensors["start_embedding"][1].any()
+    assert tensors["model.embed_tokens.weight"].shape == (103, d)
+
+    assert json.loads((out / "added_tokens.json").read_text()) == {
+        "<|startthought|>": 102, "<|endthought|>": 101}
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["vocab_size"] == 103
+    assert config["max_thoughts"] == 5 + 3 + 1
+    for key in ("use_concat_talk_head", "use_complex_talk_head", "use_weighted_talk_head",
+                "use_start_thought_token", "use_end_thought_token"):
+        assert config[key] is True
+    assert config["quiet_star"]["n_ahead"] == 5 and config["quiet_star"]["mixing_sigmoid"]
+
+
+def test_quiet_star_base_model_loads_in_transformers(quiet_star_export):
+    cfg, params, _, out = quiet_star_export
+    tokens = np.concatenate([TOKENS, [[101, 102]] * 2], axis=1)  # thought ids included
+    mask = np.concatenate([MASK, MASK[:, -2:]], axis=1)
+    expected = our_logits(cfg, params["decoder"], tokens, mask)
+    got = hf_logits(load_hf(out), tokens, mask)
+    assert np.abs(got - expected)[mask].max() <= 1e-4
+
+
+def test_quiet_star_round_trip(quiet_star_export):
+    cfg, params, qcfg, out = quiet_star_export
+    cfg2, params2 = convert.from_hf(out)
+    assert cfg2 == cfg
+    assert jax.tree.structure(params2) == jax.tree.structure(params)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, b), params, params2)))
+    settings = convert.read_quiet_star_settings(out)
+    assert QuietStarConfig(model=cfg2, **settings) == qcfg
+
+
+def test_quiet_star_settings_from_added_tokens_only(quiet_star_export, tmp_path):
+    """A release-style directory: ids from added_tokens.json, order checked, no quiet_star block."""
+    _, _, _, out = quiet_star_export
+    config = json.loads((out / "config.json").read_text())
+    del config["quiet_star"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "added_tokens.json").write_text('{"<|endthought|>": 102, "<|startthought|>": 101}')
+    assert convert.read_quiet_star_settings(tmp_path) == {"start_thought_id": 101,
+                                                          "end_thought_id": 102}
+    (tmp_path / "added_tokens.json").write_text('{"<|startthought|>": 101, "<|endthought|>": 101}')
+    with pytest.raises(convert.CheckpointError, match="added_tokens.json"):
+        convert.read_quiet_star_settings(tmp_path)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    """A fresh editable copy of a small saved llama checkpoint."""
+    model = random_hf_model(*CASES["llama_gqa"])
+    model.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        convert.from_hf(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("changes, key", [
+    (dict(model_type="gpt2"), "model_type"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_type"),
+])
+def test_unsupported_config(copy_of, changes, key):
+    edit_config(copy_of, **changes)
+    with pytest.raises(convert.CheckpointError, match=rf"config\.json: .*{key}"):
+        convert.from_hf(copy_of)
+
+
+def test_missing_tensor(copy_of):
+    file = copy_of / "model.safetensors"
+    tensors = safetensors.numpy.load_file(file)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    safetensors.numpy.save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(convert.CheckpointError,
+                       match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.up_proj"):
+        convert.from_hf(copy_of)
+
+
+def test_wrong_shape(copy_of):
+    file = copy_of / "model.safetensors"
+    tensors = safetensors.numpy.load_file(file)
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
+    safetensors.numpy.save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(convert.CheckpointError,
+                       match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj"
+                             r"\.weight' has shape \[8, 32\], expected \[16, 32\]"):
+        convert.from_hf(copy_of)
+
+
+def test_failed_export_leaves_nothing(copy_of, tmp_path):
+    cfg, params = convert.from_hf(copy_of)
+
+    class BrokenTokenizer:
+        bos_id, eos_id, pad_id = 1, 2, 2
+
+        def save(self, directory):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        convert.to_hf(params, cfg, tmp_path / "export", tokenizer=BrokenTokenizer())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with pytest.raises(FileExistsError, match="ckpt"):
+        convert.to_hf(params, cfg, copy_of)
+
+
+def test_cli_inspect(copy_of, capsys):
+    convert.main(["inspect", "--path", str(copy_of)])
+    out = capsys.readouterr().out
+    n = sum(w.size for w in tensors_of(copy_of).values())
+    assert f"parameters: {n:,}" in out and '"n_kv_heads": 2' in out
+    with pytest.raises(SystemExit):
+        convert.main(["--help"])

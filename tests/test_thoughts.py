@@ -1,0 +1,356 @@
+"""The parallel rollout and objective against the authors' way of computing them.
+
+The reference runs transformers' Llama on the whole growing sequence of chain tokens with the
+`(k+1)L x (k+1)L` block mask of the authors' code, one forward per pass, and computes the spec's
+losses in torch; its autograd gradients are compared with ours.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+from qstar_jax import convert
+from qstar_jax.model import ModelConfig, Transformer, init_params
+from qstar_jax.objective import quiet_star_loss
+from qstar_jax.thoughts import QuietStarConfig, add_thought_params, rollout
+
+BASE_VOCAB, PAD = 40, 0
+B, L = 2, 10
+
+
+def tiny_model(seed=0, scan_layers=True):
+    cfg = ModelConfig(vocab_size=BASE_VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      ffn_dim=48, rope_theta=1000.0, norm_eps=1e-6, scan_layers=scan_layers)
+    mcfg, params = add_thought_params(init_params(cfg, jax.random.key(seed)), cfg, 7,
+                                      jax.random.key(seed + 1))
+    # A non-zero mixing head, so the talk passes really mix.
+    keys = iter(jax.random.split(jax.random.key(seed + 2), 10))
+    params["mixing_head"] = jax.tree.map(
+        lambda x: 0.3 * jax.random.normal(next(keys), x.shape), params["mixing_head"])
+    params["end_embedding"] = params["end_embedding"] + 0.01
+    return mcfg, params
+
+
+def qs_config(mcfg, **kw):
+    kw = {"n_ahead": 5, "n_ahead_talk": 3, "n_passes": 2, **kw}
+    return QuietStarConfig(model=mcfg, start_thought_id=BASE_VOCAB,
+                           end_thought_id=BASE_VOCAB + 1, pad_id=PAD, **kw)
+
+
+def batch_tokens(seed=0):
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(1, BASE_VOCAB, (B, L)).astype(np.int32)
+    tokens[1, -3:] = PAD  # right padding, ignored as labels and masked as keys
+    return tokens
+
+
+def forced_thoughts(cfg, seed=1):
+    rng = np.random.RandomState(seed)
+    return rng.randint(1, BASE_VOCAB, (B, cfg.n_passes, L, cfg.n_sampled)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    mcfg, params = tiny_model()
+    cfg = qs_config(mcfg)
+    path = tmp_path_factory.mktemp("hf")
+    convert.to_hf(params, mcfg, path, quiet_star=cfg)
+    return cfg, params, path
+
+
+# ----------------------------------------------------------------------------- naive reference
+
+
+class NaiveQuietStar:
+    """The authors' algorithm: every pass re-runs the model on [x, chain_1, ..., chain_k]."""
+
+    def __init__(self, path, cfg):
+        self.cfg = cfg
+        self.lm = transformers.AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation="eager", dtype=torch.float32).eval()
+        extra = safetensors.numpy.load_file(f"{path}/model.safetensors")
+        self.extra = {k: torch.tensor(v, requires_grad=True) for k, v in extra.items()
+                      if k.startswith(("start_embedding", "end_embedding", "talk_head"))}
+
+    def head(self, h_base, h_thought):
+        w = lambda n: self.extra[f"talk_head.0.{n}.weight"]  # noqa: E731
+        b = lambda n: self.extra[f"talk_head.0.{n}.bias"]  # noqa: E731
+        x = torch.cat([h_base, h_thought], -1)
+        x = torch.relu(x @ w(0).T + b(0))
+        x = torch.relu(x @ w(2).T + b(2))
+        return (x @ w(4).T)[..., 0]
+
+    def block_mask(self, k, valid):
+        """[B, 1, (k+1)L, (k+1)L] additive mask: base causal; chain j sees x[:j+1], its chain."""
+        n = (k + 1) * L
+        allowed = torch.zeros(B, n, n, dtype=torch.bool)
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
+        for blk in range(k + 1):
+            allowed[:, blk * L:(blk + 1) * L, :L] = causal[None] & valid[:, None, :]
+            for prev in range(1, blk + 1):
+                allowed[:, blk * L:(blk + 1) * L, prev * L:(prev + 1) * L] = torch.eye(L).bool()
+        neg = torch.finfo(torch.float32).min
+        return torch.where(allowed, 0.0, neg)[:, None]
+
+    def loss(self, tokens, thoughts):
+        cfg, lm = self.cfg, self.lm
+        tok = torch.tensor(tokens, dtype=torch.long)
+        valid = tok != PAD
+        embed = lm.model.embed_tokens
+        scale = cfg.embedding_scale
+        start = self.extra["start_embedding"][0] * scale
+        end = self.extra["end_embedding"][0] * scale
+        mask_ids = [cfg.start_thought_id, cfg.end_thought_id]
+        out = {}
+
+        def forward(blocks, k):
+            x = torch.cat(blocks, 1)
+            pos = torch.cat([torch.arange(L) + i for i in range(k + 1)])[None].expand(B, -1)
+            h = lm.model(inputs_embeds=x, position_ids=pos,
+                         attention_mask=self.block_mask(k, valid)).last_hidden_state
+            return h[:, k * L:]
+
+        h_base = forward([embed(tok)], 0)
+        base_logits = lm.lm_head(h_base)
+        out["base_logits"] = base_logits
+        labels = torch.cat([tok[:, 1:], torch.full((B, 1), PAD)], 1)
+        ce0 = torch.nn.functional.cross_entropy(
+            base_logits.transpose(1, 2), labels, reduction="none") * (labels != PAD)
+        n_talk, s = cfg.n_ahead_talk, cfg.n_sampled
+        ce_talk = torch.zeros(B, cfg.n_passes, n_talk, L)
+        logprobs = torch.zeros(B, cfg.n_passes, L, s)
+        talk_logits = []
+        for p in range(cfg.n_passes):
+            blocks = [embed(tok)]
+            for k in range(1, cfg.n_chain_passes + 1):
+                if k == 1:
+                    x = start.expand(B, L, -1)
+                elif k <= cfg.n_ahead - 2:
+                    x = embed(torch.tensor(thoughts[:, p, :, k - 2], dtype=torch.long))
+                elif k == cfg.n_ahead - 1:
+                    x = end.expand(B, L, -1)
+                else:
+                    shift = k - cfg.n_ahead + 1
+                    x = embed(torch.cat([tok[:, shift:], torch.full((B, shift), PAD)], 1))
+                blocks.append(x)
+                h = forward(blocks, k)
+                if k <= s:
+                    logits = lm.lm_head(h).clone()
+                    logits[..., mask_ids] = -1e10
+                    lp = torch.log_softmax(logits / cfg.reinforce_temperature, -1)
+                    chosen = torch.tensor(thoughts[:, p, :, k - 1], dtype=torch.long)
+                    logprobs[:, p, :, k - 1] = lp.gather(-1, chosen[..., None])[..., 0]
+                t = k - (cfg.n_ahead - 1)
+                if t >= 0:
+                    hb = torch.cat([h_base[:, t:], torch.zeros(B, t, h.shape[-1])], 1)
+                    w = self.head(hb, h)[..., None]
+                    logits = lm.lm_head((1 - w) * hb + w * h)
+                    talk_logits.append(logits)
+                    tgt = torch.cat([tok[:, t + 1:], torch.full((B, t + 1), PAD)], 1)
+                    ce = torch.nn.functional.cross_entropy(
+                        logits.transpose(1, 2), tgt, reduction="none")
+                    ce_talk[:, p, t] = ce * (tgt != PAD)
+        out["talk_logits"] = talk_logits
+        label_count = lambda t: (torch.cat(  # noqa: E731
+            [tok[:, t + 1:], torch.full((B, t + 1), PAD)], 1) != PAD).sum()
+        loss_base = ce0.sum() / label_count(0)
+        loss_talk = [ce_talk[:, :, t].sum() / (cfg.n_passes * label_count(t))
+                     for t in range(n_talk)]
+        nll = 0.5 * loss_base + 0.5 * sum(loss_talk) / n_talk
+        j = L - n_talk - 1
+        reward = sum(ce0[:, None, t:t + j] - ce_talk[:, :, t, :j] for t in range(n_talk))
+        adv = reward - reward.mean(1, keepdim=True) if cfg.use_trice_baseline else reward
+        adv = adv.clamp(min=0).detach()
+        policy = (-adv[..., None] * logprobs[:, :, :j]).mean()
+        out["logprobs"] = logprobs
+        out.update(loss=nll + cfg.policy_loss_beta * policy, nll=nll, loss_base=loss_base,
+                   policy_loss=policy, reward_mean=reward.mean(),
+                   **{f"loss_talk_{t}": v for t, v in enumerate(loss_talk)})
+        return out
+
+
+def grads_by_hf_name(grads, cfg, path):
+    convert.to_hf(grads, cfg.model, path, quiet_star=cfg)
+    return safetensors.numpy.load_file(f"{path}/model.safetensors")
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_rollout_and_loss_match_naive_growing_mask(setup):
+    cfg, params, path = setup
+    tokens, thoughts = jnp.asarray(batch_tokens()), jnp.asarray(forced_thoughts(cfg))
+    ref = NaiveQuietStar(path, cfg).loss(np.asarray(tokens), np.asarray(thoughts))
+
+    @jax.jit
+    def ours(p):
+        _, metrics = quiet_star_loss(p, {"tokens": tokens}, jax.random.key(0), cfg, thoughts)
+        ro = rollout(p, tokens, tokens != PAD, jax.random.key(0), cfg, thoughts,
+                     return_talk_logits=True)
+        return metrics, ro
+
+    metrics, ro = ours(params)
+    assert ref["policy_loss"].item() != 0.0  # the REINFORCE term is exercised
+    for name in ["nll", "loss_base", "reward_mean", "loss_talk_0", "loss_talk_2"]:
+        np.testing.assert_allclose(metrics[name], ref[name].item(), rtol=1e-5, err_msg=name)
+    # Advantages are differences of the two rationales' rewards: float32 rounding of ~1e-7
+    # there is ~1e-4 relative in the policy term, which the 1e6 weight carries into the loss.
+    for name in ["policy_loss", "loss"]:
+        np.testing.assert_allclose(metrics[name], ref[name].item(), rtol=5e-4, err_msg=name)
+    np.testing.assert_allclose(ro.thought_logprobs, ref["logprobs"].detach(), atol=1e-5)
+    np.testing.assert_allclose(ro.base_logits, ref["base_logits"].detach(), atol=1e-5)
+    rows = np.asarray(tokens) != PAD  # padded chains see other (masked) keys; never scored
+    for i, logits in enumerate(ref["talk_logits"]):
+        p, t = divmod(i, cfg.n_ahead_talk)
+        np.testing.assert_allclose(np.asarray(ro.talk_logits[:, p, t])[rows],
+                                   logits.detach().numpy()[rows], atol=1e-5)
+
+
+def test_gradients_match_naive_growing_mask(setup, tmp_path):
+    """Without the baseline the advantages carry no cancellation, so 1e-5 holds throughout."""
+    _, params, path = setup
+    cfg = setup[0].replace(use_trice_baseline=False)
+    tokens, thoughts = batch_tokens(), forced_thoughts(cfg)
+    naive = NaiveQuietStar(path, cfg)
+    ref = naive.loss(tokens, thoughts)
+    ref["loss"].backward()
+
+    def loss_fn(p):
+        return quiet_star_loss(p, {"tokens": jnp.asarray(tokens)}, jax.random.key(0), cfg,
+                               thought_tokens=jnp.asarray(thoughts))
+
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    np.testing.assert_allclose(loss, ref["loss"].item(), rtol=1e-5)
+    ours = grads_by_hf_name(grads, cfg, tmp_path / "grads")
+    theirs = {n: p.grad for n, p in naive.lm.named_parameters()}
+    theirs.update({n: p.grad for n, p in naive.extra.items()})
+    assert set(ours) == set(theirs)
+    for name, g in theirs.items():
+        g = g.numpy()
+        scale = max(np.abs(g).max(), 1e-6)
+        np.testing.assert_allclose(ours[name] / scale, g / scale, atol=1e-5, err_msg=name)
+    for name in ["start_embedding", "end_embedding", "talk_head.0.0.weight",
+                 "model.layers.0.self_attn.q_proj.weight"]:
+        assert np.abs(ours[name]).max() > 0, name
+
+
+def test_chain_sees_nothing_of_the_future(setup):
+    cfg, params, _ = setup
+    tokens = batch_tokens()
+    j = 4
+    changed = tokens.copy()
+    changed[:, j + 1:] = (changed[:, j + 1:] + 5) % BASE_VOCAB + 1
+    run = lambda t: rollout(params, jnp.asarray(t), jnp.ones(t.shape, bool),  # noqa: E731
+                            jax.random.key(3), cfg)
+    a, b = run(tokens), run(changed)
+    np.testing.assert_array_equal(a.thought_tokens[:, :, :j + 1], b.thought_tokens[:, :, :j + 1])
+    np.testing.assert_allclose(a.thought_logprobs[:, :, :j + 1], b.thought_logprobs[:, :, :j + 1],
+                               atol=1e-6)
+    assert not np.allclose(a.thought_logprobs[:, :, j + 1:], b.thought_logprobs[:, :, j + 1:])
+
+
+def test_without_thoughts_loss_is_plain_cross_entropy(setup):
+    cfg, params, _ = setup
+    cfg1 = cfg.replace(n_ahead=1, n_ahead_talk=1, n_passes=1)
+    tokens = batch_tokens()
+    loss, _ = quiet_star_loss(params, {"tokens": jnp.asarray(tokens)}, jax.random.key(0), cfg1)
+    logits = np.asarray(Transformer(cfg.model).apply({"params": params["decoder"]},
+                                                     jnp.asarray(tokens)), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = [-logp[b, i, tokens[b, i + 1]] for b in range(B) for i in range(L - 1)
+           if tokens[b, i + 1] != PAD]
+    np.testing.assert_allclose(loss, np.mean(nll), rtol=1e-5)
+
+
+def test_reinforce_terms_by_hand(setup):
+    from qstar_jax.objective import reinforce_terms
+
+    cfg = setup[0].replace(n_ahead_talk=2, n_passes=2, n_ahead=4)  # S = 1, L = 5 -> J = 2
+    ce0 = jnp.array([[1.0, 2.0, 3.0, 4.0, 0.0]])
+    ce_talk = jnp.array([[[[0.5, 2.5, 1.0, 0, 0], [1.0, 1.0, 2.0, 0, 0]],
+                          [[1.5, 1.0, 1.0, 0, 0], [2.0, 4.0, 2.0, 0, 0]]]])  # [B=1, P=2, T=2, L=5]
+    logprob = jnp.array([[[[-1.0], [-2.0], [-9.0], [-9.0], [-9.0]],
+                          [[-0.5], [-1.0], [-9.0], [-9.0], [-9.0]]]])  # [1, 2, 5, 1]
+    # r[p, j] = (ce0[j] - ce_talk[p,0,j]) + (ce0[j+1] - ce_talk[p,1,j])
+    # p0: j0 = (1-.5)+(2-1) = 1.5, j1 = (2-2.5)+(3-1) = 1.5
+    # p1: j0 = (1-1.5)+(2-2) = -0.5, j1 = (2-1)+(3-4) = 0.0
+    reward, adv, policy = reinforce_terms(ce0, ce_talk, logprob, cfg)
+    np.testing.assert_allclose(reward, [[[1.5, 1.5], [-0.5, 0.0]]])
+    # baseline per position: j0 0.5, j1 0.75 -> advantages p0 [1.0, 0.75], p1 [-1, -0.75] -> 0
+    np.testing.assert_allclose(adv, [[[1.0, 0.75], [0.0, 0.0]]])
+    # policy = mean(-adv * logprob) over (p, j) = (1*1 + 0.75*2 + 0 + 0) / 4
+    np.testing.assert_allclose(policy, 2.5 / 4)
+    _, adv_raw, _ = reinforce_terms(ce0, ce_talk, logprob,
+                                    cfg.replace(remove_negative_rewards=False,
+                                                use_trice_baseline=False))
+    np.testing.assert_allclose(adv_raw, reward)
+
+
+def test_forced_thoughts_ignore_rng_and_sampling_avoids_thought_tokens(setup):
+    cfg, params, _ = setup
+    tokens = jnp.asarray(batch_tokens())
+    thoughts = jnp.asarray(forced_thoughts(cfg))
+    run = jax.jit(lambda p, r, th: quiet_star_loss(p, {"tokens": tokens}, r, cfg, th)[0])
+    assert float(run(params, jax.random.key(1), thoughts)) == float(
+        run(params, jax.random.key(2), thoughts))
+    # Make the thought tokens by far the likeliest: sampling must still never pick them.
+    rigged = jax.tree.map(lambda x: x, params)
+    kernel = rigged["decoder"]["lm_head"]["kernel"]
+    rigged["decoder"]["lm_head"]["kernel"] = kernel.at[:, BASE_VOCAB:].set(50.0)
+    ro = rollout(rigged, tokens, tokens != PAD, jax.random.key(4), cfg)
+    assert ro.thought_tokens.shape == (B, cfg.n_passes, L, cfg.n_sampled)
+    assert int(ro.thought_tokens.max()) < BASE_VOCAB
+    assert len(np.unique(np.asarray(ro.thought_tokens))) > 3  # really sampled
+
+
+def test_one_step_moves_thought_params_and_decoder(setup):
+    import optax
+
+    cfg, params, _ = setup
+    tokens = jnp.asarray(batch_tokens())
+    opt = optax.adamw(1e-3)
+
+    @jax.jit
+    def step(p, state):
+        (_, m), g = jax.value_and_grad(
+            lambda p: quiet_star_loss(p, {"tokens": tokens}, jax.random.key(0), cfg),
+            has_aux=True)(p)
+        updates, state = opt.update(g, state, p)
+        return optax.apply_updates(p, updates), g
+
+    new, grads = step(params, opt.init(params))
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    for path in [("start_embedding",), ("end_embedding",), ("mixing_head", "out", "kernel"),
+                 ("mixing_head", "hidden_0", "kernel"), ("decoder", "layers", "mlp", "up_proj",
+                                                         "kernel"), ("decoder", "embed",
+                                                                     "embedding")]:
+        old_x, new_x, g = params, new, grads
+        for key in path:
+            old_x, new_x, g = old_x[key], new_x[key], g[key]
+        assert float(jnp.abs(g).max()) > 0, path
+        assert not np.allclose(old_x, new_x), path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_ahead": 2}, "n_ahead=2"),
+    ({"start_thought_id": 99}, "start_thought_id=99"),
+])
+def test_inconsistent_settings_are_named(setup, change, message):
+    cfg = setup[0]
+    with pytest.raises(ValueError, match=message):
+        cfg.replace(**change)
+
+
+def test_short_batch_and_wrong_thought_shape_are_named(setup):
+    cfg, params, _ = setup
+    short = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="n_ahead_talk=3"):
+        quiet_star_loss(params, {"tokens": short}, jax.random.key(0), cfg)
+    tokens = jnp.asarray(batch_tokens())
+    with pytest.raises(ValueError, match="thought_tokens has shape"):
+        quiet_star_loss(params, {"tokens": tokens}, jax.random.key(0), cfg,
+                        thought_tokens=jnp.zeros((B, 1, L, 2), jnp.int32))
