@@ -206,19 +206,33 @@ def attend(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Array, masks: Masks
     return out_BKGLE.transpose(0, 3, 1, 2, 4).reshape(b, n, h, e)
 
 
+class Projection(nn.Module):
+    """A weight of any rank applied by einsum (a 3-D kernel keeps its logical axis names)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    equation: str
+    dtype: str
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _init(self.axes), self.shape, _dtype(self.param_dtype))
+        dt = _dtype(self.dtype)
+        return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BLD, positions_BL, masks: Masks, prefix, chain):
         cfg = self.cfg
-        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        d, e = cfg.d_model, cfg.head_dim
 
         def proj(name, heads, axes):
-            return nn.DenseGeneral(
-                (heads, cfg.head_dim), use_bias=False, dtype=dt, param_dtype=pdt,
-                kernel_init=_init(("embed", axes, "head_dim")), name=name,
-            )(x_BLD)
+            return Projection((d, heads, e), ("embed", axes, "head_dim"), "bld,dhe->blhe",
+                              cfg.dtype, cfg.param_dtype, name=name)(x_BLD)
 
         inv_freq = rope_frequencies(cfg)
         q = apply_rope(proj("q_proj", cfg.n_heads, "heads"), positions_BL, inv_freq)
@@ -226,10 +240,8 @@ class Attention(nn.Module):
         v = proj("v_proj", cfg.n_kv_heads, "kv_heads")
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
         out = attend(q, k, v, masks, prefix, chain)
-        y = nn.DenseGeneral(
-            cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
-            kernel_init=_init(("heads", "head_dim", "embed")), name="o_proj",
-        )(out)
+        y = Projection((cfg.n_heads, e, d), ("heads", "head_dim", "embed"), "blhe,hed->bld",
+                       cfg.dtype, cfg.param_dtype, name="o_proj")(out)
         return y, k, v
 
 

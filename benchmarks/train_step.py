@@ -1,0 +1,264 @@
+"""Speed and memory of one Quiet-STaR training step, against the authors' way of computing it.
+
+    python benchmarks/train_step.py [--config cpu|gpu_1b] [--steps 5] [--naive_steps 3]
+                                    [--naive cached|rerun] [--skip_naive] [--peak_flops F]
+    python benchmarks/train_step.py --check
+
+A step is the loss (thoughts sampled), its gradient and the AdamW update of `qstar_jax.optim`,
+jitted with parameters and optimizer state donated. Prints one JSON object: for our step
+(`objective.quiet_star_loss`) and the naive one (`naive_rollout.naive_loss`: the authors' KV-cached
+growing mask, or with `--naive rerun` the whole growing sequence re-run every pass) the compile
+time, the median step time, tokens/s (B * L / step time), XLA's memory analysis of the compiled
+step, the rise of the process's peak RSS, FLOP counts, MFU where the device's peak is known, and
+the naive step's time and memory over ours. `--check` prints how far both naive forms' losses and
+gradients are from ours on a tiny model with forced thoughts. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from naive_rollout import naive_loss  # benchmarks/ is on the path when run as a script
+
+from qstar_jax import optim
+from qstar_jax.model import ModelConfig, init_params
+from qstar_jax.objective import quiet_star_loss
+from qstar_jax.thoughts import THOUGHT_TOKENS, QuietStarConfig, add_thought_params
+
+BASE_VOCAB = 32000
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A named benchmark: the model (without the thought tokens) and the batch it trains on."""
+
+    model: ModelConfig
+    batch: int
+    length: int
+    n_passes: int = 2
+    n_ahead: int = 12
+    n_ahead_talk: int = 4
+
+
+SETUPS = {
+    "cpu": Setup(ModelConfig(vocab_size=BASE_VOCAB, d_model=256, n_layers=4, n_heads=8,
+                             n_kv_heads=2, ffn_dim=704), batch=2, length=128),
+    # The shape of TinyLlama-1.1B; bf16 compute, float32 parameters and optimizer state. Batch 4,
+    # not the paper's 8: compiled for a CPU, the step needs about 55 GiB at 4 and 77 GiB at 8.
+    "gpu_1b": Setup(ModelConfig(vocab_size=BASE_VOCAB, d_model=2048, n_layers=22, n_heads=32,
+                                n_kv_heads=4, ffn_dim=5632, dtype="bfloat16"),
+                    batch=4, length=256),
+}
+
+# Dense bf16 peak FLOP/s by a substring of jax's device_kind.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5e": 197e12}
+
+LossFn = Callable[..., tuple[jax.Array, dict]]
+NAIVE: dict[str, LossFn] = {
+    "cached": naive_loss,
+    "rerun": lambda *args: naive_loss(*args, rerun=True),
+}
+
+
+def quiet_star(setup: Setup) -> tuple[QuietStarConfig, Callable[[jax.Array], dict]]:
+    """The Quiet-STaR config and a jitted random initialiser of its parameters."""
+    base = setup.model
+    model = base.replace(vocab_size=base.vocab_size + THOUGHT_TOKENS)
+    cfg = QuietStarConfig(model, base.vocab_size, base.vocab_size + 1, pad_id=0,
+                          n_ahead=setup.n_ahead, n_ahead_talk=setup.n_ahead_talk,
+                          n_passes=setup.n_passes)
+
+    def init(rng):
+        decoder_rng, head_rng = jax.random.split(rng)
+        return add_thought_params(init_params(base, decoder_rng), base, 1, head_rng)[1]
+
+    return cfg, jax.jit(init)
+
+
+def model_flops(cfg: QuietStarConfig, batch: int, length: int) -> float:
+    """Useful FLOPs of one step (forward + backward = 3x forward), counted once per token.
+
+    Matmuls: 2 * layer weights per token of every pass (the base pass once, P rationales of
+    `n_chain_passes` chain passes), 2 * D * V per token whose logits are used (base, sampling and
+    talk passes), the mixing head per talk token. Attention: 4 * N * H * E per query-key pair,
+    L keys per base query and L + k per chain query at pass k.
+    """
+    m = cfg.model
+    layer = m.n_layers * (m.d_model * m.head_dim * 2 * (m.n_heads + m.n_kv_heads)
+                          + 3 * m.d_model * m.ffn_dim)
+    chains = cfg.n_passes * batch * length  # chain tokens per pass
+    n_chain = cfg.n_chain_passes
+    tokens = batch * length + chains * n_chain
+    logit_tokens = batch * length + chains * (cfg.n_sampled + cfg.n_ahead_talk)
+    pairs = batch * length * length + chains * sum(length + k for k in range(1, n_chain + 1))
+    forward = (2 * layer * tokens + 2 * m.d_model * m.vocab_size * logit_tokens
+               + 2 * (3 * m.d_model ** 2 + m.d_model) * chains * cfg.n_ahead_talk
+               + 4 * m.n_layers * m.n_heads * m.head_dim * pairs)
+    return 3.0 * forward
+
+
+def make_step(loss_fn: LossFn, cfg: QuietStarConfig, optimizer: optax.GradientTransformation):
+    """jit(step(params, opt_state, batch, rng) -> (params, opt_state, loss)), state donated."""
+
+    def step(params, opt_state, batch, rng):
+        grad_fn = jax.value_and_grad(lambda p: loss_fn(p, batch, rng, cfg), has_aux=True)
+        (loss, _), grads = grad_fn(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(step, params, opt_state, batch, rng, steps: int, flops: float,
+            peak_flops: float | None) -> dict:
+    """Compile ahead of time, then `steps` timed steps; figures of the compiled step."""
+    rss_before = peak_rss_bytes()
+    start = time.perf_counter()
+    compiled = step.lower(params, opt_state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    memory = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
+              "temp": mem.temp_size_in_bytes, "alias": mem.alias_size_in_bytes}
+    memory["peak"] = memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    out = {"compile_s": round(compile_s, 2), "memory_bytes": memory,
+           "memory_gib": round(memory["peak"] / 2 ** 30, 3),
+           "xla_flops_loop_bodies_once": (cost or {}).get("flops")}
+    if limit and memory["peak"] > limit:
+        out["skipped"] = (f"needs {memory['peak'] / 2 ** 30:.1f} GiB, "
+                          f"the device has {limit / 2 ** 30:.1f}")
+        return out
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, rng))
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    b, length = batch["tokens"].shape
+    out.update(step_s=round(step_s, 4), steps=steps, tokens_per_s=round(b * length / step_s, 1),
+               peak_rss_growth_mib=round((peak_rss_bytes() - rss_before) / 2 ** 20, 1),
+               loss=float(loss), mfu=round(flops / step_s / peak_flops, 4) if peak_flops else None)
+    device_stats = jax.devices()[0].memory_stats()
+    if device_stats and "peak_bytes_in_use" in device_stats:
+        out["device_peak_bytes_in_use"] = device_stats["peak_bytes_in_use"]
+    return out
+
+
+def benchmark(name: str, steps: int, naive_steps: int, naive: str | None,
+              peak_flops: float | None) -> dict:
+    """Our step, then the naive one (`naive` a key of NAIVE, None: ours only)."""
+    setup = SETUPS[name]
+    cfg, init = quiet_star(setup)
+    device = jax.devices()[0]
+    if peak_flops is None:
+        peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
+    optimizer = optim.make_optimizer(optim.default_config(), train_steps=1000)
+    tokens = np.random.default_rng(0).integers(1, BASE_VOCAB, (setup.batch, setup.length))
+    batch = {"tokens": jnp.asarray(tokens, jnp.int32),
+             "mask": jnp.ones((setup.batch, setup.length), bool)}
+    flops = model_flops(cfg, setup.batch, setup.length)
+    result = {
+        "config": name, "device": device.device_kind, "machine": platform.machine(),
+        "jax": jax.__version__,
+        "model": {k: getattr(setup.model, k) for k in (
+            "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "dtype", "param_dtype")}
+        | {"vocab_size": cfg.model.vocab_size, "params": cfg.model.num_params},
+        "quiet_star": {"batch": setup.batch, "length": setup.length, "n_passes": cfg.n_passes,
+                       "n_ahead": cfg.n_ahead, "n_ahead_talk": cfg.n_ahead_talk},
+        "model_flops_per_step": flops, "peak_flops": peak_flops,
+    }
+    paths = [("ours", quiet_star_loss, steps)]
+    if naive is not None:
+        paths.append(("naive", NAIVE[naive], naive_steps))
+        result["naive_form"] = naive
+    for path, loss_fn, n in paths:
+        params = init(jax.random.key(0))
+        result[path] = measure(make_step(loss_fn, cfg, optimizer), params,
+                               optimizer.init(params), batch, jax.random.key(1), n, flops,
+                               peak_flops)
+        del params
+    if naive is not None:
+        ours, theirs = result["ours"], result["naive"]
+        if "step_s" in ours and "step_s" in theirs:
+            result["speedup"] = round(theirs["step_s"] / ours["step_s"], 2)
+        result["memory_ratio"] = round(
+            theirs["memory_bytes"]["peak"] / ours["memory_bytes"]["peak"], 2)
+    return result
+
+
+def check() -> dict:
+    """Max differences between the naive losses/gradients and ours: tiny model, forced thoughts."""
+    base = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+    cfg, init = quiet_star(Setup(base, batch=2, length=10, n_ahead=5, n_ahead_talk=3))
+    params = init(jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(2), 10))  # a head that really mixes
+    params["mixing_head"] = jax.tree.map(
+        lambda x: 0.3 * jax.random.normal(next(keys), x.shape), params["mixing_head"])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 40, (2, 10))
+    tokens[1, -3:] = cfg.pad_id  # right padding: ignored labels, masked keys
+    batch = {"tokens": jnp.asarray(tokens, jnp.int32)}
+    thoughts = jnp.asarray(rng.integers(1, 40, (2, cfg.n_passes, 10, cfg.n_sampled)), jnp.int32)
+
+    def loss_and_grads(loss_fn):
+        f = lambda p: loss_fn(p, batch, jax.random.key(0), cfg, thoughts)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+    (_, ours), grads = loss_and_grads(quiet_star_loss)
+    grad_scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+    out = {"loss": float(ours["loss"])}
+    for form, loss_fn in NAIVE.items():
+        (_, theirs), their_grads = loss_and_grads(loss_fn)
+        out[f"naive_{form}"] = {
+            "max_abs_diff": {k: float(abs(theirs[k] - ours[k])) for k in theirs},
+            "loss_rel_diff": float(abs(theirs["loss"] - ours["loss"]) / abs(ours["loss"])),
+            "grad_max_abs_diff_over_max_grad": max(
+                float(jnp.abs(a - b).max()) for a, b in zip(
+                    jax.tree.leaves(grads), jax.tree.leaves(their_grads), strict=True)
+            ) / grad_scale,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(SETUPS), default="cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of our path")
+    parser.add_argument("--naive_steps", type=int, default=3, help="timed steps of the naive path")
+    parser.add_argument("--naive", choices=sorted(NAIVE), default="cached",
+                        help="cached: the authors' code (L new tokens a pass against the "
+                        "growing keys); rerun: the whole (k+1)L sequence re-run at pass k")
+    parser.add_argument("--skip_naive", action="store_true", help="time our step only")
+    parser.add_argument("--peak_flops", type=float, help="device peak FLOP/s for MFU "
+                        "(default: bf16 peak of a known device kind)")
+    parser.add_argument("--check", action="store_true",
+                        help="compare the naive losses and gradients with ours, then exit")
+    args = parser.parse_args()
+    if args.check:
+        print(json.dumps(check(), indent=2))
+        return
+    naive = None if args.skip_naive else args.naive
+    print(json.dumps(benchmark(args.config, args.steps, args.naive_steps, naive,
+                               args.peak_flops), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Training checkpoints (orbax): save asynchronously, keep the last few, resume from the newest
+readable one, save and stop on SIGTERM, and export a saved step to Hugging Face format.
+
+A step holds three items: "params", "train" (optimizer state, step, rng) and "data" (the grain
+iterator's position), so a resumed run continues exactly where the saved one was. An unreadable
+newest step is set aside (never deleted) and the one before it used; if none is readable the run
+stops with an error naming them, rather than silently starting afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+CHECKPOINT_DIR = "checkpoints"
+SET_ASIDE_DIR = "unreadable_checkpoints"  # unreadable steps are moved here, never deleted
+CONFIG_FILE = "config.json"  # the resolved run config, to rebuild the model for export
+
+
+class CheckpointError(ValueError):
+    """No saved step of a workdir can be restored."""
+
+
+def _split(state: dict) -> tuple[Any, dict]:
+    return state["params"], {k: v for k, v in state.items() if k != "params"}
+
+
+class Checkpoints:
+    """The checkpoints of one workdir, and the SIGTERM watch that saves before stopping."""
+
+    def __init__(self, workdir: str, keep: int):
+        if keep < 1:
+            raise ValueError(f"checkpoint_keep={keep} must be >= 1")
+        self.workdir = epath.Path(workdir)
+        self.keep = keep
+        self._manager = self._open()
+        self._stop_requested = False
+        self._old_handler = None
+        if jax.process_count() == 1:  # several processes: jax's preemption service listens
+            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _open(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
+                                               enable_async_checkpointing=True)
+        return ocp.CheckpointManager(self.workdir / CHECKPOINT_DIR, options=options)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self._stop_requested = True
+
+    def should_stop(self, step: int) -> bool:
+        """True once SIGTERM arrived (at a step all processes agree on): save, then stop."""
+        if jax.process_count() > 1:
+            return self._manager.reached_preemption(step)
+        return self._stop_requested
+
+    def steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: dict, data_iter: grain.DatasetIterator) -> None:
+        """Start saving `state` (returns once it is copied off the devices; writes continue)."""
+        params, train = _split(state)
+        self._manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+            data=grain.checkpoint.CheckpointSave(data_iter)))
+
+    def restore(self, abstract_state: dict, data_iter: grain.DatasetIterator) -> dict | None:
+        """The newest readable state (data_iter moved to its position), or None if none saved."""
+        params, train = _split(abstract_state)
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.steps(), reverse=True):
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(params), train=ocp.args.StandardRestore(train),
+                    data=grain.checkpoint.CheckpointRestore(data_iter)))
+            except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+                message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                logging.warning("checkpoint step %d in %s is unreadable (%s)", step,
+                                self._manager.directory, message)
+                failed.append((step, message))
+                continue
+            if failed:
+                self._set_aside([s for s, _ in failed])
+                logging.warning("resuming from step %d instead", step)
+            return {"params": restored.params, **restored.train}
+        if failed:
+            listed = "; ".join(f"step {s}: {m}" for s, m in failed)
+            raise CheckpointError(f"no readable checkpoint in {self._manager.directory} ({listed});"
+                                  " move them away to start afresh")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move unreadable steps out of the manager's way (to SET_ASIDE_DIR), keeping them."""
+        aside = self.workdir / SET_ASIDE_DIR
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                (self._manager.directory / str(step)).rename(target)
+                logging.warning("moved unreadable checkpoint step %d to %s", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("qstar_jax: unreadable checkpoints set aside")
+        self._manager.close()
+        self._manager = self._open()
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+        if self._old_handler is not None:
+            signal.signal(signal.SIGTERM, self._old_handler)
+            self._old_handler = None
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Write the resolved config next to the checkpoints (process 0)."""
+    if jax.process_index() == 0:
+        path = epath.Path(workdir) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (not a training workdir?)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_params(workdir: str, step: int | None, abstract_params: Any) -> tuple[int, Any]:
+    """(step, parameters) of a saved step (None: the newest), gathered onto the host CPU."""
+    manager = ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR,
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = list(manager.all_steps())
+    if not steps:
+        raise CheckpointError(f"{manager.directory}: no saved checkpoints")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"{manager.directory}: no step {step} (saved: {sorted(steps)})")
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
+                          abstract_params)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))
+    manager.close()
+    return step, restored.params
+
+
+def export_checkpoint(workdir: str, step: int | None, out_dir: str,
+                      dtype: str = "float32") -> int:
+    """Write a saved step as a Hugging Face directory (with tokenizer and Quiet-STaR settings).
+
+    The model is rebuilt from the run's saved config.json; returns the step written.
+    """
+    from qstar_jax import config as config_lib
+    from qstar_jax import convert
+
+    config = load_config(workdir)
+    with jax.default_device(jax.devices("cpu")[0]):
+        model = config_lib.load_model(config, workdir)
+    step, params = restore_params(workdir, step, config_lib.abstract_params(model))
+    convert.to_hf(params, model.cfg.model, out_dir, tokenizer=model.tokenizer,
+                  quiet_star=model.cfg, dtype=dtype)
+    return step

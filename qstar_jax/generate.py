@@ -1,0 +1,377 @@
+"""Think, then speak: KV-cached decoding with one Quiet-STaR thought before every new token.
+
+The prompt is prefilled once into a fixed-size key/value cache. Each new token then costs one
+thought at the last position (start embedding, n_ahead - 3 sampled tokens, end embedding) on top
+of the cache, a mix of the end-of-thought state with the last base state (the evaluation
+semantics: n_ahead_talk = 1), and one pass of the chosen token, whose keys alone join the cache.
+The per-token step is one jitted function with static shapes.
+
+    python -m qstar_jax.generate --checkpoint DIR --prompt "..." [--show_thoughts]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qstar_jax.model import Context, KeyValues, Masks, Params, visible
+from qstar_jax.thoughts import (
+    QuietStarConfig,
+    embed_tokens,
+    hidden,
+    lm_logits,
+    mask_thought_logits,
+    mix,
+    start_end_embeddings,
+)
+
+PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, to reuse compilations
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How spoken tokens are chosen: temperature 0 is greedy; top_p < 1 keeps the nucleus."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The cache of every token so far (left-padded rows) and the last token's base state.
+
+    T cache slots, B rows; slot `length` is the next to fill (the same for every row).
+    """
+
+    kv: KeyValues  # [N, B, T, K, E]
+    valid_BT: jax.Array  # slot holds a real token
+    positions_BT: jax.Array  # position id of each slot
+    length: jax.Array  # int32 scalar
+    h_last_BD: jax.Array  # base hidden state of the last token
+    pos_last_B: jax.Array  # position id of the last token
+    rng: jax.Array
+
+
+@flax.struct.dataclass
+class Step:
+    """What one decoding step produced, per row."""
+
+    token_B: jax.Array  # the spoken token
+    logits_BV: jax.Array  # the (mixed, when thinking) logits it was chosen from, unmasked
+    thought_BS: jax.Array  # the sampled thought tokens (S = 0 without thinking)
+
+
+def empty_state(cfg: QuietStarConfig, batch: int, max_len: int, rng: jax.Array) -> DecodeState:
+    """A cache of `max_len` empty slots; the first `extend` writes the prompt."""
+    m = cfg.model
+    shape = (m.n_layers, batch, max_len, m.n_kv_heads, m.head_dim)
+    dt = jnp.dtype(m.dtype)
+    return DecodeState(
+        kv=KeyValues(jnp.zeros(shape, dt), jnp.zeros(shape, dt)),
+        valid_BT=jnp.zeros((batch, max_len), bool),
+        positions_BT=jnp.zeros((batch, max_len), jnp.int32),
+        length=jnp.int32(0), h_last_BD=jnp.zeros((batch, m.d_model), dt),
+        pos_last_B=jnp.full((batch,), -1, jnp.int32), rng=rng)
+
+
+def extend(params: Params, state: DecodeState, tokens_BL: jax.Array, valid_BL: jax.Array, *,
+           cfg: QuietStarConfig) -> DecodeState:
+    """Append L tokens (left-padded rows): they attend to the cache and causally to each other.
+
+    The last column must be a real token in every row: its base state becomes `h_last_BD`.
+    """
+    window = cfg.model.sliding_window
+    positions_BL = (state.pos_last_B[:, None] + jnp.cumsum(valid_BL, 1)).astype(jnp.int32)
+    masks = Masks(prefix_BLS=visible(positions_BL, state.positions_BT, state.valid_BT, window),
+                  self_BLL=visible(positions_BL, positions_BL, valid_BL, window))
+    h_BLD, new = hidden(params, cfg, embed_tokens(params, cfg, tokens_BL), positions_BL,
+                        Context(masks, prefix=state.kv))
+    put = lambda buf, x, axis: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        buf, x.astype(buf.dtype), state.length, axis)
+    return state.replace(
+        kv=KeyValues(put(state.kv.k, new.k, 2), put(state.kv.v, new.v, 2)),
+        valid_BT=put(state.valid_BT, valid_BL, 1),
+        positions_BT=put(state.positions_BT, positions_BL, 1),
+        length=state.length + tokens_BL.shape[1],
+        h_last_BD=h_BLD[:, -1], pos_last_B=positions_BL[:, -1])
+
+
+def think(params: Params, cfg: QuietStarConfig, state: DecodeState, rng: jax.Array,
+          forced_BS: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """One thought after the last token: (end-of-thought hidden state [B, D], thought [B, S]).
+
+    Pass k (1 .. n_ahead-1) sits at position j + k and sees the cache (x[0..j]) plus the
+    thought's own earlier keys: the parallel rollout's attention at position j, for one chain.
+    """
+    m = cfg.model
+    b, s, c = state.h_last_BD.shape[0], cfg.n_sampled, cfg.n_ahead - 1
+    base_pos_B1 = state.pos_last_B[:, None]
+    seen_B1T = visible(base_pos_B1, state.positions_BT, state.valid_BT)
+    start_D, end_D = start_end_embeddings(params, cfg)
+    shape = state.kv.k.shape[:2] + (1, c) + state.kv.k.shape[3:]  # [N, B, 1, C, K, E]
+    buffer = KeyValues(jnp.zeros(shape, state.kv.k.dtype), jnp.zeros(shape, state.kv.v.dtype))
+
+    def chain_pass(buffer: KeyValues, x_B1D: jax.Array, k) -> tuple[jax.Array, KeyValues]:
+        q_pos_B1 = base_pos_B1 + k
+        prefix = seen_B1T
+        if m.sliding_window is not None:
+            prefix &= (q_pos_B1[:, :, None] - state.positions_BT[:, None, :]) < m.sliding_window
+        chain = jnp.broadcast_to(jnp.arange(c) < k - 1, (b, 1, c))
+        ctx = Context(Masks(prefix_BLS=prefix, chain_BLC=chain), prefix=state.kv, chain=buffer)
+        h_B1D, new = hidden(params, cfg, x_B1D, q_pos_B1, ctx)
+        slot = lambda buf, x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+            buf, x.astype(buf.dtype), k - 1, 3)
+        return h_B1D, KeyValues(slot(buffer.k, new.k), slot(buffer.v, new.v))
+
+    def think_step(carry, xs):
+        buffer, x_B1D = carry
+        k, key, forced_B = xs
+        h_B1D, buffer = chain_pass(buffer, x_B1D, k)
+        logits_BV = mask_thought_logits(lm_logits(params, cfg, h_B1D[:, 0]), cfg)
+        if forced_BS is not None:
+            token_B = forced_B
+        elif cfg.greedy_thoughts:
+            token_B = jnp.argmax(logits_BV, -1)
+        else:
+            token_B = sample(key, logits_BV / cfg.thought_temperature)
+        token_B = token_B.astype(jnp.int32)
+        return (buffer, embed_tokens(params, cfg, token_B[:, None])), token_B
+
+    forced_SB = (jnp.zeros((s, b), jnp.int32) if forced_BS is None
+                 else forced_BS.astype(jnp.int32).T)
+    x0 = jnp.broadcast_to(start_D, (b, 1, m.d_model))
+    (buffer, x_last), thought_SB = jax.lax.scan(
+        think_step, (buffer, x0), (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SB))
+    _, buffer = chain_pass(buffer, x_last, cfg.n_ahead - 2)  # keys of the last sampled token
+    h_end, _ = chain_pass(buffer, jnp.broadcast_to(end_D, (b, 1, m.d_model)), cfg.n_ahead - 1)
+    return h_end[:, 0], thought_SB.T
+
+
+def sample(rng: jax.Array, logits_BV: jax.Array) -> jax.Array:
+    """A draw [B] from softmax(logits) by inverting its CDF with one uniform per row.
+
+    The same distribution as jax.random.categorical, without its V Gumbel draws per row (on a
+    CPU those cost more than the rest of a decoding step's thought).
+    """
+    cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV.astype(jnp.float32), -1), -1)
+    tiny = jnp.finfo(jnp.float32).tiny  # u > 0: a zero-probability first token is never drawn
+    u_B1 = jax.random.uniform(rng, cdf_BV.shape[:-1] + (1,), minval=tiny) * cdf_BV[..., -1:]
+    return jnp.minimum(jnp.sum(cdf_BV < u_B1, -1), logits_BV.shape[-1] - 1).astype(jnp.int32)
+
+
+def choose(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next tokens [B]: argmax at temperature 0, else a draw from the (top-p) softmax."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits_BV, -1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+    if sampling.top_p < 1:
+        sorted_BV = jnp.sort(logits_BV, -1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, -1)
+        # Keep the smallest prefix whose mass reaches top_p: rank i stays if the mass before it
+        # is still short of top_p.
+        kept_B = jnp.sum(jnp.cumsum(probs_BV, -1) - probs_BV < sampling.top_p, -1)
+        threshold_B1 = jnp.take_along_axis(sorted_BV, kept_B[:, None] - 1, -1)
+        logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+    return sample(rng, logits_BV)
+
+
+def step(params: Params, state: DecodeState, forced_token_B: jax.Array | None = None,
+         forced_thought_BS: jax.Array | None = None, *, cfg: QuietStarConfig,
+         sampling: Sampling, thinking: bool) -> tuple[DecodeState, Step]:
+    """Think (unless `thinking` is off), choose the next token, speak it into the cache.
+
+    `forced_token_B` / `forced_thought_BS` replace the choices (teacher forcing, for scoring).
+    """
+    rng, think_key, speak_key = jax.random.split(state.rng, 3)
+    b = state.h_last_BD.shape[0]
+    if thinking:
+        h_end_BD, thought_BS = think(params, cfg, state, think_key, forced_thought_BS)
+        h_BD, _ = mix(params, cfg, state.h_last_BD, h_end_BD)
+    else:
+        h_BD, thought_BS = state.h_last_BD, jnp.zeros((b, 0), jnp.int32)
+    logits_BV = lm_logits(params, cfg, h_BD)
+    if forced_token_B is None:
+        token_B = choose(mask_thought_logits(logits_BV, cfg), speak_key, sampling)
+    else:
+        token_B = forced_token_B.astype(jnp.int32)
+    state = extend(params, state.replace(rng=rng), token_B[:, None], jnp.ones((b, 1), bool),
+                   cfg=cfg)
+    return state, Step(token_B, logits_BV, thought_BS)
+
+
+class Decoder:
+    """The jitted prefill and per-token step for one model config, sampling and thinking mode."""
+
+    def __init__(self, cfg: QuietStarConfig, sampling: Sampling = Sampling(),
+                 thinking: bool = True):
+        if thinking and not cfg.thinks:
+            raise ValueError(f"thinking needs n_ahead >= 3, the config has n_ahead={cfg.n_ahead}")
+        self.cfg = cfg.replace(n_ahead_talk=1, n_passes=1)
+        self.prefill = jax.jit(functools.partial(extend, cfg=self.cfg), donate_argnums=(1,))
+        self.step = jax.jit(functools.partial(step, cfg=self.cfg, sampling=sampling,
+                                              thinking=thinking), donate_argnums=(1,))
+
+    def start(self, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+              rng: jax.Array) -> DecodeState:
+        """Left-pad the prompts (to a multiple of PROMPT_BUCKET) and prefill them."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        width = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+        tokens = np.zeros((len(prompts), width), np.int32)
+        valid = np.zeros((len(prompts), width), bool)
+        for row, p in enumerate(prompts):
+            tokens[row, width - len(p):] = p
+            valid[row, width - len(p):] = True
+        state = empty_state(self.cfg, len(prompts), width + max_new_tokens, rng)
+        return self.prefill(params, state, jnp.asarray(tokens), jnp.asarray(valid))
+
+
+@functools.lru_cache(maxsize=16)
+def decoder(cfg: QuietStarConfig, sampling: Sampling, thinking: bool) -> Decoder:
+    """A shared Decoder per setting, so repeated calls reuse its compilations."""
+    return Decoder(cfg, sampling, thinking)
+
+
+@dataclasses.dataclass
+class Generation:
+    """One prompt's continuation: its text (cut before a stop string), tokens and thoughts."""
+
+    text: str
+    tokens: list[int]
+    thoughts: list[list[int]]  # one thought per generated token
+    stop_reason: str  # "eos", "stop_string" or "length"
+
+
+def generate(params: Params, cfg: QuietStarConfig, tokenizer, prompts: Sequence[str], *,
+             max_new_tokens: int, sampling: Sampling = Sampling(), thinking: bool = True,
+             seed: int = 0, stop: Sequence[str] = ()) -> list[Generation]:
+    """Continue each prompt (batched), thinking before every token unless `thinking` is off.
+
+    Stops a row at EOS, at the first stop string in its continuation, or after max_new_tokens.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    dec = decoder(cfg, sampling, thinking)
+    add_bos = tokenizer.bos_id is not None
+    ids = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
+    state = dec.start(params, ids, max_new_tokens, jax.random.key(seed))
+    tokens = [[] for _ in prompts]
+    thoughts = [[] for _ in prompts]
+    reasons: list[str | None] = [None] * len(prompts)
+    texts = [""] * len(prompts)
+    for _ in range(max_new_tokens):
+        state, out = dec.step(params, state)
+        token_B, thought_BS = np.asarray(out.token_B), np.asarray(out.thought_BS)
+        for row in range(len(prompts)):
+            if reasons[row] is not None:
+                continue
+            if int(token_B[row]) == tokenizer.eos_id:
+                reasons[row] = "eos"
+                continue
+            tokens[row].append(int(token_B[row]))
+            thoughts[row].append(thought_BS[row].tolist())
+            texts[row] = tokenizer.decode(tokens[row])
+            hits = [texts[row].index(s) for s in stop if s in texts[row]]
+            if hits:
+                texts[row], reasons[row] = texts[row][:min(hits)], "stop_string"
+        if all(r is not None for r in reasons):
+            break
+    return [Generation(text, toks, th, reason or "length")
+            for text, toks, th, reason in zip(texts, tokens, thoughts, reasons, strict=True)]
+
+
+def load_checkpoint(path: str) -> tuple[QuietStarConfig, Params, object]:
+    """(QuietStarConfig, params, Tokenizer) of an HF-format Quiet-STaR export directory or of a
+    training workdir (its newest saved step)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    from qstar_jax import checkpoint
+
+    if os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR)):
+        return _load_workdir(path)
+    return _load_hf(path)
+
+
+def _load_hf(path: str) -> tuple[QuietStarConfig, Params, object]:
+    from qstar_jax import convert, tokenizer
+
+    model_cfg, params = convert.from_hf(path, remat_policy="none")
+    if "decoder" not in params:
+        raise ValueError(f"{path}: not a Quiet-STaR checkpoint (no start_embedding, "
+                         "end_embedding and talk_head tensors)")
+    settings = convert.read_quiet_star_settings(path)
+    tok = tokenizer.load(path)
+    settings.setdefault("pad_id", tok.pad_id)
+    cfg = QuietStarConfig(model=model_cfg, **settings)
+    ours, theirs = ((tok.start_thought_id, tok.end_thought_id),
+                    (cfg.start_thought_id, cfg.end_thought_id))
+    if ours != theirs:
+        raise ValueError(f"{path}: tokenizer thought ids {ours} differ from the checkpoint's "
+                         f"{theirs}")
+    return cfg, params, tok
+
+
+def _load_workdir(path: str) -> tuple[QuietStarConfig, Params, object]:
+    from qstar_jax import checkpoint
+    from qstar_jax import config as config_lib
+
+    config = checkpoint.load_config(path)
+    with jax.default_device(jax.devices("cpu")[0]):
+        model = config_lib.load_model(config, path)
+    _, params = checkpoint.restore_params(path, None, config_lib.abstract_params(model))
+    return model.cfg, params, model.tokenizer
+
+
+def thought_text(tokenizer, cfg: QuietStarConfig, thought: Sequence[int]) -> str:
+    """A thought as text, between its start and end tokens."""
+    ids = [cfg.start_thought_id, *thought, cfg.end_thought_id]
+    return tokenizer.decode(ids)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qstar_jax.generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="HF-format Quiet-STaR directory or training workdir")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--show_thoughts", action="store_true",
+                        help="after the continuation, print each token with its thought")
+    parser.add_argument("--no_thoughts", action="store_true",
+                        help="plain KV-cached decoding, no thinking")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.show_thoughts and args.no_thoughts:
+        parser.error("--show_thoughts and --no_thoughts exclude each other")
+    try:
+        sampling = Sampling(args.temperature, args.top_p)
+        cfg, params, tok = load_checkpoint(args.checkpoint)
+        out = generate(params, cfg, tok, [args.prompt], max_new_tokens=args.max_new_tokens,
+                       sampling=sampling, thinking=not args.no_thoughts, seed=args.seed)[0]
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(out.text)
+    if args.show_thoughts:
+        print("\n--- thoughts (token <- thought that preceded it) ---")
+        for token, thought in zip(out.tokens, out.thoughts, strict=True):
+            print(f"{tok.decode([token])!r}\t<- {thought_text(tok, cfg, thought)!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""Quiet-STaR training on a mesh of devices, with checkpoints, held-out evaluation and logs.
+
+    python -m qstar_jax.train --config=configs/tiny.py --workdir=runs/tiny [--config.KEY=VALUE ...]
+
+Writes under the workdir: checkpoints/, config.json (the resolved config), metrics.jsonl (one
+JSON object per logged step; "eval/..." keys for held-out evaluations), tensorboard/ and, for a
+random model, tokenizer/. Run it again with the same workdir to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorboardX
+from absl import app, flags, logging
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from ml_collections import config_flags
+
+from qstar_jax import checkpoint, data, optim, sharding
+from qstar_jax import config as config_lib
+from qstar_jax.objective import quiet_star_loss
+from qstar_jax.thoughts import check_batch, rollout, token_logprob
+from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
+
+State = dict  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
+METRICS_FILE = "metrics.jsonl"
+SAMPLE_THOUGHTS = 3  # decoded thoughts logged at each evaluation
+HARD_QUANTILE = 0.9  # "hard" held-out tokens: the top decile of base-model loss
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN/inf; the run stops without saving that state."""
+
+
+# ----------------------------------------------------------------------------- jitted pieces
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A run's compiled functions on one mesh.
+
+    train_step(state, batch) -> (state, metrics): one optimizer update from `grad_accum_steps`
+    micro-batches {"tokens", "mask"} [A, B, L]; the state is donated.
+    eval_step(params, batch, rng) -> per-token base and thinking losses, validity [B, L-1] and
+    the sampled thoughts [B, L, S] of a held-out batch [B, L] (one rationale, one talk token).
+    """
+
+    model: config_lib.Model
+    mesh: Mesh
+    abstract_state: State  # ShapeDtypeStructs carrying their shardings
+    init_state: Callable[[int], State]
+    train_step: Callable[[State, dict], tuple[State, dict]]
+    eval_step: Callable[[dict, dict, jax.Array], tuple[jax.Array, ...]]
+    compile_s: float
+
+
+def build(config: ml_collections.ConfigDict, model: config_lib.Model, mesh: Mesh) -> Trainer:
+    """Shardings of the state, then the init, train and eval functions compiled for `mesh`."""
+    cfg = model.cfg
+    optimizer = optim.make_optimizer(config.optim, config.train_steps)
+    abstract_params = config_lib.abstract_params(model)
+    param_shardings = sharding.shardings(sharding.logical_specs(cfg), abstract_params, mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = {
+        "params": param_shardings,
+        "opt_state": sharding.optimizer_shardings(optimizer, abstract_opt, param_shardings, mesh),
+        "step": replicated, "rng": replicated,
+    }
+    abstract = {"params": abstract_params, "opt_state": abstract_opt,
+                "step": jax.ShapeDtypeStruct((), jnp.int32),
+                "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, state_shardings)
+
+    def fresh_state(params, seed):
+        return {"params": params, "opt_state": optimizer.init(params),
+                "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
+
+    def init_state(seed: int) -> State:
+        """A new state, created directly sharded (random) or from host weights put leaf by leaf."""
+        with sharding.activate(mesh):
+            if model.load is None:
+                fn = lambda: fresh_state(  # noqa: E731
+                    config_lib.random_params(cfg, model.init_token_id, jax.random.key(seed)), seed)
+                return jax.jit(fn, out_shardings=state_shardings)()
+            params = sharding.put(model.load(), param_shardings)
+            return jax.jit(fresh_state, static_argnums=1, donate_argnums=0,
+                           out_shardings=state_shardings)(params, seed)
+
+    def train_step(state: State, batch: dict) -> tuple[State, dict]:
+        rng, step_rng = jax.random.split(state["rng"])
+
+        def micro_step(carry, xs):
+            params, opt_state = carry
+            micro_batch, key = xs
+            (_, metrics), grads = jax.value_and_grad(quiet_star_loss, has_aux=True)(
+                params, micro_batch, key, cfg)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            metrics["grad_norm"] = optax.global_norm(grads)
+            return (optax.apply_updates(params, updates), opt_state), metrics
+
+        keys = jax.random.split(step_rng, config.optim.grad_accum_steps)
+        (params, opt_state), metrics = jax.lax.scan(
+            micro_step, (state["params"], state["opt_state"]), (batch, keys))
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                     "rng": rng}
+        return new_state, jax.tree.map(jnp.mean, metrics)
+
+    eval_cfg = cfg.replace(n_ahead_talk=1, n_passes=1)
+
+    def eval_step(params, batch, rng):
+        tokens_BL, mask_BL = batch["tokens"], batch["mask"]
+        ro = rollout(params, tokens_BL, mask_BL, rng, eval_cfg)
+        targets, valid = tokens_BL[:, 1:], mask_BL[:, 1:]
+        ce_base = -token_logprob(ro.base_logits[:, :-1], targets)
+        ce_think = -ro.talk_logprobs[:, 0, 0, :-1]  # mixed logits after the thought at j
+        return ce_base, ce_think, valid, ro.thought_tokens[:, 0]
+
+    a, b, length = config.optim.grad_accum_steps, config.batch_size, config.seq_len
+    micro_batches = sharding.batch_sharding(mesh, 1)
+    train_batch = {"tokens": jax.ShapeDtypeStruct((a, b, length), jnp.int32,
+                                                  sharding=micro_batches),
+                   "mask": jax.ShapeDtypeStruct((a, b, length), bool, sharding=micro_batches)}
+    start = time.perf_counter()
+    with sharding.activate(mesh):
+        train_compiled = jax.jit(
+            train_step, in_shardings=(state_shardings, micro_batches),
+            out_shardings=(state_shardings, replicated), donate_argnums=0,
+        ).lower(abstract, train_batch).compile()
+    compile_s = time.perf_counter() - start
+    eval_jit = jax.jit(eval_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh),
+                                                replicated))
+
+    def eval_on_mesh(params, batch, rng):
+        with sharding.activate(mesh):  # compiled at the first call
+            return eval_jit(params, batch, rng)
+
+    return Trainer(model, mesh, abstract, init_state, train_compiled, eval_on_mesh, compile_s)
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def _say(message: str, *args) -> None:
+    """Progress for the person running the job: stdout of process 0 (library chatter is quieter)."""
+    if jax.process_index() == 0:
+        print(message % args if args else message, flush=True)
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard events (process 0). A resumed run first drops the lines
+    after its starting step, so the file reads as if the run had never stopped; a fresh one
+    starts the file anew. Local files are appended to; remote ones (gs://, no append) rewritten.
+    """
+
+    def __init__(self, workdir: str, start_step: int):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        self.path = epath.Path(workdir) / METRICS_FILE
+        self.remote = "://" in workdir
+        self.records: list[dict] = []
+        if start_step and self.path.exists():
+            self.records = [r for r in map(json.loads, self.path.read_text().splitlines())
+                            if r["step"] <= start_step]
+        self._rewrite()
+        self.tb = tensorboardX.SummaryWriter(str(epath.Path(workdir) / "tensorboard"),
+                                             purge_step=start_step + 1 if start_step else None)
+
+    def _rewrite(self) -> None:
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.records.append({"step": step, **metrics})
+        if self.remote:
+            self._rewrite()
+        else:
+            with self.path.open("a") as f:
+                f.write(json.dumps(self.records[-1]) + "\n")
+        for name, value in metrics.items():
+            self.tb.add_scalar(name if "/" in name else f"train/{name}", value, step)
+        self.tb.flush()
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.enabled:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _progress(step: int, total: int, m: dict) -> str:
+    talk = " ".join(f"{m[k]:.3f}" for k in sorted(m) if k.startswith("loss_talk_"))
+    return (f"step {step}/{total}  loss {m['loss']:.4f}  base {m['loss_base']:.4f}  "
+            f"talk [{talk}]  policy {m['policy_loss']:.3g}  reward {m['reward_mean']:.4f}  "
+            f"w {m['mixing_weight_mean']:.3g}  |g| {m['grad_norm']:.3g}  "
+            f"lr {m['learning_rate']:.3g}  {m['tokens_per_s']:.0f} tok/s  "
+            f"{m['step_time_s']:.2f} s/step  "
+            f"ETA {_duration(m['step_time_s'] * (total - step))}")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(trainer: Trainer, params, batches: list[dict],
+             seed: int) -> tuple[dict, list[str]]:
+    """Held-out base loss and loss with thinking, overall and on the hardest decile of tokens,
+    plus a few decoded thoughts from the first row. Thoughts use a fixed key: repeatable."""
+    rng = jax.device_put(jax.random.PRNGKey(seed + 1),
+                         jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec()))
+    parts = []
+    for local in batches:
+        out = trainer.eval_step(params, sharding.global_batch(local, trainer.mesh), rng)
+        parts.append([np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in out])
+    base, think, valid = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    base, think = base[valid], think[valid]
+    hard = base >= np.quantile(base, HARD_QUANTILE)
+    metrics = {"eval/loss_base": float(base.mean()), "eval/loss_think": float(think.mean()),
+               "eval/loss_base_hard": float(base[hard].mean()),
+               "eval/loss_think_hard": float(think[hard].mean()), "eval/tokens": int(valid.sum())}
+    # Global row 0 is process 0's first row, and process 0 is the one that logs.
+    samples = _thought_samples(trainer, batches[0]["tokens"][0], parts[0][2][0], parts[0][3][0])
+    return metrics, samples
+
+
+def _thought_samples(trainer: Trainer, tokens_L: np.ndarray, valid_L: np.ndarray,
+                     thoughts_LS: np.ndarray) -> list[str]:
+    """'<context> <|startthought|>thought<|endthought|> -> next' at a few positions of a row."""
+    tok = trainer.model.tokenizer
+    positions = np.flatnonzero(valid_L)
+    if not positions.size:
+        return []
+    picks = positions[np.linspace(0, positions.size - 1, SAMPLE_THOUGHTS).astype(int)]
+    return [f"{tok.decode(tokens_L[max(0, j - 12):j + 1])!r} {START_THOUGHT}"
+            f"{tok.decode(thoughts_LS[j])!r}{END_THOUGHT} -> {tok.decode(tokens_L[j + 1:j + 2])!r}"
+            for j in np.unique(picks)]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Reject settings no run can use, naming them."""
+    for key in ("train_steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
+                "checkpoint_keep", "eval_batches"):
+        if config[key] < 1:
+            raise ValueError(f"{key}={config[key]} must be >= 1")
+    if config.eval_every < 0:
+        raise ValueError(f"eval_every={config.eval_every} must be >= 0 (0: only at start and end)")
+
+
+def _batches(data_iter: Iterator[dict], trainer: Trainer, accum: int) -> dict:
+    """The next `accum` host batches, stacked [A, B_local, L] and made global."""
+    local = [next(data_iter) for _ in range(accum)]
+    stacked = {k: np.stack([b[k] for b in local]) for k in ("tokens", "mask")}
+    return sharding.global_batch(stacked, trainer.mesh, batch_axis=1)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Train per `config` in `workdir` (resuming if it holds checkpoints); returns the logged
+    records of process 0 (metrics.jsonl)."""
+    check_config(config)
+    if config.distributed:
+        jax.distributed.initialize()
+    _say("config:\n%s", config)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    _say("mesh: %s", sharding.describe(mesh))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    checkpoint.save_config(workdir, config)
+    model = config_lib.load_model(config, workdir)
+    check_batch(model.cfg, config.seq_len)
+    trainer = build(config, model, mesh)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
+    _say("model: %s parameters; train step compiled in %.1f s", f"{n_params:,}", trainer.compile_s)
+
+    data_kwargs = dict(seq_len=config.seq_len, global_batch=config.batch_size,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = data.make_dataset(config.data, model.tokenizer, seed=config.seed, **data_kwargs)
+    heldout = data.heldout_batches(config.data, model.tokenizer, num_batches=config.eval_batches,
+                                   **data_kwargs)
+    ckpts = checkpoint.Checkpoints(workdir, config.checkpoint_keep)
+    try:
+        return _loop(config, workdir, trainer, ckpts, data_iter, heldout)
+    finally:
+        ckpts.close()
+
+
+def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter,
+          heldout) -> list[dict]:
+    state = ckpts.restore(trainer.abstract_state, data_iter)
+    fresh = state is None
+    if fresh:
+        state = trainer.init_state(config.seed)
+    step = int(state["step"])
+    _say("starting at step %d of %d%s", step, config.train_steps,
+                 "" if fresh else f" (resumed from {workdir})")
+    log = MetricsLog(workdir, step)
+    lr_fn = optim.learning_rate_fn(config.optim, config.train_steps)
+    tokens_per_step = config.optim.grad_accum_steps * config.batch_size * config.seq_len
+    saved = step if not fresh else None
+
+    def run_eval(at: int, params) -> None:
+        start = time.perf_counter()
+        metrics, samples = evaluate(trainer, params, heldout, config.seed)
+        log.write(at, metrics)
+        _say("eval at step %d (%.1f s): base %.4f  thinking %.4f  hardest decile: base "
+                     "%.4f  thinking %.4f", at, time.perf_counter() - start,
+                     metrics["eval/loss_base"], metrics["eval/loss_think"],
+                     metrics["eval/loss_base_hard"], metrics["eval/loss_think_hard"])
+        for sample in samples:
+            _say("thought: %s", sample)
+        log.text(at, "thoughts", "\n\n".join(samples))
+
+    if fresh:
+        run_eval(0, state["params"])
+    last = time.perf_counter()
+    window: list[float] = []
+    while step < config.train_steps:
+        batch = _batches(data_iter, trainer, config.optim.grad_accum_steps)
+        state, metrics = trainer.train_step(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        step += 1
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            kept = f"the last checkpoint (step {saved}) is kept" if saved is not None else \
+                "no checkpoint was saved"
+            raise NonFiniteLoss(f"loss {metrics['loss']} / gradient norm {metrics['grad_norm']} "
+                                f"at step {step}: stopped without saving; {kept}")
+        now = time.perf_counter()
+        window.append(now - last)
+        last = now
+        if step % config.log_every == 0 or step == config.train_steps:
+            step_time = sum(window) / len(window)
+            metrics.update(learning_rate=float(lr_fn(step - 1)), step_time_s=step_time,
+                           tokens_per_s=tokens_per_step / step_time)
+            window = []
+            log.write(step, metrics)
+            _say(_progress(step, config.train_steps, metrics))
+        if (config.eval_every and step % config.eval_every == 0) or step == config.train_steps:
+            run_eval(step, state["params"])
+        stop = ckpts.should_stop(step)
+        if step % config.checkpoint_every == 0 or step == config.train_steps or stop:
+            ckpts.save(step, state, data_iter)
+            saved = step
+        if stop:
+            ckpts.wait()
+            _say("stopped by SIGTERM at step %d; checkpoint saved", step)
+            break
+        last = time.perf_counter()  # evaluation and saving are not training time
+    ckpts.wait()
+    records = log.records if log.enabled else []
+    log.close()
+    _summary(records)
+    return records
+
+
+def _summary(records: list[dict]) -> None:
+    """Held-out losses at the first and the last evaluation."""
+    evals = [r for r in records if "eval/loss_base" in r]
+    if len(evals) < 2:
+        return
+    first, last = evals[0], evals[-1]
+    for name, key in (("base", "eval/loss_base"), ("with thinking", "eval/loss_think"),
+                      ("hardest decile, base", "eval/loss_base_hard"),
+                      ("hardest decile, with thinking", "eval/loss_think_hard")):
+        print(f"held-out loss {name}: {first[key]:.4f} (step {first['step']}) -> "
+              f"{last[key]:.4f} (step {last['step']})")
+
+
+# ----------------------------------------------------------------------------- command line
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints and logs; reused to resume")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a one-line error for a bad flag or an unknown --config.KEY
+    (config_flags raises a bare KeyError/AttributeError for some unknown nested keys)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e), 2)
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("\"'")
+        named = [a.split("=", 1)[0] for a in argv
+                 if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
+        _fail(f"unknown config key {named[0] if named else key!r}", 2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and jax log every detail at INFO
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

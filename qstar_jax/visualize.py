@@ -1,0 +1,169 @@
+"""Where thinking helps: a self-contained HTML page of a text, each token coloured by how much
+thinking changed its log-likelihood (evaluation-mode mixed log p minus base log p), with the
+thought that preceded it on hover.
+
+    python -m qstar_jax.visualize --checkpoint DIR --text FILE --out report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import html
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qstar_jax import generate
+from qstar_jax.evaluate import eval_config, token_pieces
+from qstar_jax.model import Params
+from qstar_jax.thoughts import QuietStarConfig, rollout, token_logprob
+
+
+@dataclasses.dataclass
+class TokenScore:
+    """One token of the text; the scores are None for a first token (nothing predicts it)."""
+
+    token: int
+    piece: str  # the text it adds
+    delta: float | None = None  # log p_mixed - log p_base
+    logp_base: float | None = None
+    thought: list[int] | None = None  # the thought at the position before it
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _window(params: Params, tokens_1W: jax.Array, mask_1W: jax.Array, rng: jax.Array,
+            cfg: QuietStarConfig):
+    """Per position j: log p_mixed(x[j+1]), log p_base(x[j+1]), the thought at j [W, S]."""
+    out = rollout(params, tokens_1W, mask_1W, rng, cfg)
+    next_1W = jnp.concatenate([tokens_1W[:, 1:], tokens_1W[:, :1]], axis=1)
+    return out.talk_logprobs[0, 0, 0], token_logprob(out.base_logits, next_1W)[0], \
+        out.thought_tokens[0, 0]
+
+
+def score_text(params: Params, cfg: QuietStarConfig, tokenizer, text: str, window: int = 256,
+               seed: int = 0) -> list[TokenScore]:
+    """Every token of `text` with the change thinking makes to its log-likelihood.
+
+    Long texts are cut into windows of `window` tokens overlapping by one, so every token but
+    the very first is predicted (within its window's context).
+    """
+    if not cfg.thinks:
+        raise ValueError(f"the model does not think (n_ahead={cfg.n_ahead})")
+    if window < 3:
+        raise ValueError(f"window must be >= 3 tokens, got {window}")
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ids = bos + tokenizer.encode(text)
+    if len(ids) == len(bos):
+        raise ValueError("the text has no tokens")
+    ecfg = eval_config(cfg, thinking=True)
+    scores: dict[int, tuple[float, float, list[int]]] = {}
+    for n, start in enumerate(range(0, max(len(ids) - 1, 1), window - 1)):
+        chunk = ids[start:start + window]
+        tokens = np.full((1, window), cfg.pad_id, np.int32)
+        tokens[0, :len(chunk)] = chunk
+        mask = np.arange(window)[None] < len(chunk)
+        mixed, base, thoughts = jax.device_get(_window(
+            params, jnp.asarray(tokens), jnp.asarray(mask),
+            jax.random.fold_in(jax.random.key(seed), n), ecfg))
+        for j in range(len(chunk) - 1):
+            scores[start + j + 1] = (float(mixed[j]), float(base[j]), thoughts[j].tolist())
+    pieces = token_pieces(tokenizer, bos, ids[len(bos):])
+    out = []
+    for i, (token, piece) in enumerate(zip(ids[len(bos):], pieces, strict=True), len(bos)):
+        score = TokenScore(token, piece)
+        if i in scores:
+            mixed, base, thought = scores[i]
+            score.delta, score.logp_base, score.thought = mixed - base, base, thought
+        out.append(score)
+    return out
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; color: #222; }
+.text { white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.7; }
+.tok:hover { outline: 1px solid #333; }
+.legend span { padding: 0 .4em; }
+"""
+
+
+def _colour(delta: float, scale: float) -> str:
+    """Green where thinking raised the log-likelihood, red where it lowered it."""
+    alpha = min(1.0, abs(delta) / scale) if scale > 0 else 0.0
+    rgb = "0, 170, 0" if delta > 0 else "220, 0, 0"
+    return f"background-color: rgba({rgb}, {alpha:.3f})"
+
+
+def render_html(scores: Sequence[TokenScore], tokenizer, cfg: QuietStarConfig,
+                title: str) -> str:
+    """The page: a summary, a legend and one <span class="tok"> per token."""
+    deltas = np.array([s.delta for s in scores if s.delta is not None], np.float64)
+    scale = float(np.abs(deltas).max()) if deltas.size else 0.0
+    spans = []
+    for s in scores:
+        if s.delta is None:
+            spans.append(f'<span class="tok" title="first token: not predicted">'
+                         f"{html.escape(s.piece)}</span>")
+            continue
+        thought = generate.thought_text(tokenizer, cfg, s.thought)
+        tip = (f"token {s.piece!r}\nlog p change from thinking: {s.delta:+.4f}\n"
+               f"log p without thinking: {s.logp_base:.4f}\nthought: {thought}")
+        style = _colour(s.delta, scale) if s.delta != 0 else ""
+        spans.append(f'<span class="tok" data-delta="{s.delta:.6g}" style="{style}" '
+                     f'title="{html.escape(tip)}">{html.escape(s.piece)}</span>')
+    summary = (f"{len(scores)} tokens; {deltas.size} predicted: thinking raised the "
+               f"log-likelihood of {int((deltas > 0).sum())}, lowered it for "
+               f"{int((deltas < 0).sum())}; mean change {deltas.mean() if deltas.size else 0:+.4f}"
+               f" nats per token. Hover over a token to see its thought.")
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(summary)}</p>\n"
+            f'<p class="legend"><span style="{_colour(1, 1)}">thinking helped</span>'
+            f'<span style="{_colour(-1, 1)}">thinking hurt</span> (full colour: a change of '
+            f"{scale:.3f} nats)</p>\n"
+            f'<div class="text">{"".join(spans)}</div>\n</body>\n</html>\n')
+
+
+def read_text(path: str) -> str:
+    """The text of a UTF-8 file; a missing, undecodable or empty file is an error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such text file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the text file is empty")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qstar_jax.visualize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="HF-format Quiet-STaR directory or training workdir")
+    parser.add_argument("--text", required=True, help="UTF-8 text file to score")
+    parser.add_argument("--out", required=True, help="HTML file to write")
+    parser.add_argument("--window", type=int, default=256, help="tokens per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled thoughts")
+    args = parser.parse_args(argv)
+    try:
+        text = read_text(args.text)
+        cfg, params, tok = generate.load_checkpoint(args.checkpoint)
+        scores = score_text(params, cfg, tok, text, window=args.window, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+    page = render_html(scores, tok, cfg, f"Where thinking helps: {os.path.basename(args.text)}")
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(page)
+    print(f"wrote {args.out} ({len(scores)} tokens)")
+
+
+if __name__ == "__main__":
+    main()

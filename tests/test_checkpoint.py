@@ -1,0 +1,117 @@
+"""Checkpoints of a small hand-made state: keep the last K, restore state and data position,
+set an unreadable newest step aside, refuse when none is readable, and SIGTERM asks to stop."""
+
+import os
+import signal
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qstar_jax import checkpoint
+
+
+def make_state(step: int) -> dict:
+    return {"params": {"w": jnp.arange(6.0).reshape(2, 3) * step, "b": jnp.full((3,), -step)},
+            "opt_state": {"mu": jnp.ones((2, 3)) * step / 10, "count": jnp.int32(step)},
+            "step": jnp.int32(step), "rng": jax.random.PRNGKey(step)}
+
+
+def make_iterator():
+    return iter(grain.MapDataset.range(1000).shuffle(seed=3).batch(4).to_iter_dataset())
+
+
+def abstract(state: dict) -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+
+
+def save_steps(workdir, steps, keep=2) -> dict[int, np.ndarray]:
+    """Save `steps` (two batches consumed before each); returns the batch after each save."""
+    ckpts = checkpoint.Checkpoints(str(workdir), keep)
+    it = make_iterator()
+    following = {}
+    for step in steps:
+        next(it), next(it)
+        ckpts.save(step, make_state(step), it)  # asynchronous: training goes on meanwhile
+        following[step] = next(it)
+    ckpts.close()
+    return following
+
+
+def assert_state_equal(got: dict, want: dict) -> None:
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
+                 got, want)
+
+
+def test_restore_gives_the_newest_state_and_data_position_and_keeps_the_last_k(tmp_path):
+    following = save_steps(tmp_path, [1, 2, 3])
+    ckpts = checkpoint.Checkpoints(str(tmp_path), 2)
+    assert sorted(ckpts.steps()) == [2, 3]
+    it = make_iterator()
+    restored = ckpts.restore(abstract(make_state(0)), it)
+    ckpts.close()
+    assert_state_equal(restored, make_state(3))
+    np.testing.assert_array_equal(next(it), following[3])
+
+
+def test_nothing_saved_restores_none(tmp_path):
+    ckpts = checkpoint.Checkpoints(str(tmp_path), 2)
+    assert ckpts.restore(abstract(make_state(0)), make_iterator()) is None
+    ckpts.close()
+
+
+def corrupt(step_dir) -> None:
+    for f in step_dir.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00junk" * (f.stat().st_size // 5 + 1))
+
+
+def test_unreadable_newest_step_is_set_aside_and_the_previous_one_used(tmp_path, caplog):
+    following = save_steps(tmp_path, [1, 2])
+    corrupt(tmp_path / "checkpoints" / "2")
+    ckpts = checkpoint.Checkpoints(str(tmp_path), 2)
+    it = make_iterator()
+    restored = ckpts.restore(abstract(make_state(0)), it)
+    assert_state_equal(restored, make_state(1))
+    np.testing.assert_array_equal(next(it), following[1])
+    assert ckpts.steps() == [1]
+    assert (tmp_path / "unreadable_checkpoints" / "2").is_dir()
+    assert "checkpoint step 2" in caplog.text and "resuming from step 1" in caplog.text
+    ckpts.save(2, make_state(2), it)  # the step number is free again
+    ckpts.close()
+
+
+def test_no_readable_step_is_an_error_naming_them(tmp_path):
+    save_steps(tmp_path, [1, 2])
+    for step in (1, 2):
+        corrupt(tmp_path / "checkpoints" / str(step))
+    ckpts = checkpoint.Checkpoints(str(tmp_path), 2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint .*step 2: .*"
+                                                         r"step 1: "):
+        ckpts.restore(abstract(make_state(0)), make_iterator())
+    ckpts.close()
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [1, 2]
+
+
+def test_sigterm_requests_a_stop_and_close_restores_the_handler(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    ckpts = checkpoint.Checkpoints(str(tmp_path), 1)
+    assert not ckpts.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert ckpts.should_stop(2)
+    ckpts.close()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_restore_params_names_a_missing_step(tmp_path):
+    save_steps(tmp_path, [1, 2])
+    params = abstract(make_state(0))["params"]
+    step, restored = checkpoint.restore_params(str(tmp_path), None, params)
+    assert step == 2
+    assert_state_equal(restored, make_state(2)["params"])
+    with pytest.raises(checkpoint.CheckpointError, match=r"no step 7 \(saved: \[1, 2\]\)"):
+        checkpoint.restore_params(str(tmp_path), 7, params)

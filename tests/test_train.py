@@ -1,0 +1,356 @@
+"""`python -m qstar_jax.train` end to end on configs/tiny.py: logs and checkpoints, SIGTERM and
+resume (bit-exact), an unreadable checkpoint, a NaN loss, bad input, two processes, export.
+
+Runs happen in subprocesses with a shared compilation cache, so a rerun of the same setting does
+not compile again.
+"""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_sharding import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+# configs/tiny.py, smaller; policy_loss_beta 1 so that runs on other meshes can be compared
+# (see test_sharding.py).
+RUN = {"train_steps": 8, "seq_len": 16, "model.n_layers": 1, "log_every": 1,
+       "checkpoint_every": 3, "eval_every": 4, "eval_batches": 1,
+       "quiet_star.policy_loss_beta": 1.0}
+TIMING = ("step_time_s", "tokens_per_s")  # the only logged values that may differ between runs
+
+
+def flags(overrides: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    return subprocess_env(1, tmp_path_factory.mktemp("jax_cache"))
+
+
+def train(workdir: Path, env: dict, **overrides) -> subprocess.CompletedProcess:
+    """Run the training command line to completion."""
+    return subprocess.run(command(workdir, overrides), env=env, cwd=workdir.parent,
+                          capture_output=True, text=True, timeout=300)
+
+
+def command(workdir: Path, overrides: dict) -> list[str]:
+    return [sys.executable, "-m", "qstar_jax.train", f"--config={ROOT}/configs/tiny.py",
+            f"--workdir={workdir}", *flags({**RUN, **overrides})]
+
+
+def logged_steps(workdir: Path) -> list[int]:
+    """Training steps in metrics.jsonl so far (a line being written is skipped)."""
+    path, steps = workdir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            steps.append(record["step"])
+    return steps
+
+
+def records(workdir: Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env) -> Path:
+    """An uninterrupted run of RUN."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    out = train(workdir, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (workdir / "stdout.txt").write_text(out.stdout)
+    return workdir
+
+
+def test_run_logs_metrics_tensorboard_and_checkpoints(reference):
+    logged = records(reference)
+    train_steps = [r["step"] for r in logged if "loss" in r]
+    assert train_steps == list(range(1, 9))
+    for r in logged:
+        if "loss" in r:
+            assert {"loss", "loss_base", "loss_talk", "loss_talk_0", "loss_talk_1", "policy_loss",
+                    "reward_mean", "grad_norm", "learning_rate"} <= set(r)
+            assert np.isfinite(r["loss"])
+    assert [r["step"] for r in logged if "eval/loss_base" in r] == [0, 4, 8]
+    lines = (reference / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["tokens_per_s"] > 0 for line in lines if '"loss"' in line)
+    assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
+    assert checkpoint_steps(reference) == [6, 8]  # every 3 steps and at the end, last 2 kept
+    assert json.loads((reference / "config.json").read_text())["seq_len"] == 16
+    assert (reference / "tokenizer" / "tokenizer.model").is_file()
+    stdout = (reference / "stdout.txt").read_text()
+    assert "mesh: data=1 fsdp=1 tensor=1" in stdout and "parameters" in stdout
+    assert "step 8/8" in stdout and "tok/s" in stdout and "ETA" in stdout
+    assert "<|startthought|>" in stdout  # sample thoughts
+    assert "held-out loss with thinking:" in stdout
+
+
+def test_sigterm_saves_and_a_resumed_run_logs_the_same_losses(reference, tmp_path, env):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(command(workdir, {}), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while 2 not in logged_steps(workdir):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = [line for line in stdout.splitlines() if "stopped by SIGTERM at step" in line]
+    assert stopped, stdout[-2000:]
+    stop_step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert 2 <= stop_step < 8
+    assert checkpoint_steps(workdir)[-1] == stop_step
+
+    out = train(workdir, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"starting at step {stop_step} of 8 (resumed" in out.stdout
+    assert records(workdir) == records(reference)  # bit for bit
+
+
+def corrupt(step_dir: Path) -> None:
+    """Overwrite every file of a saved step with junk of the same length."""
+    for f in step_dir.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00junk" * (f.stat().st_size // 5 + 1))
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, env):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    corrupt(workdir / "checkpoints" / "8")
+    out = train(workdir, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checkpoint step 8" in out.stderr and "unreadable" in out.stderr
+    assert "resuming from step 6 instead" in out.stderr
+    assert "starting at step 6 of 8" in out.stdout
+    assert (workdir / "unreadable_checkpoints" / "8").is_dir()  # set aside, not deleted
+    assert checkpoint_steps(workdir) == [6, 8]
+    assert records(workdir) == records(reference)
+
+
+def test_no_readable_checkpoint_is_an_error_naming_them(reference, tmp_path, env):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    for step in (6, 8):
+        corrupt(workdir / "checkpoints" / str(step))
+    out = train(workdir, env)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no readable checkpoint in") and "step 8:" in last \
+        and "step 6:" in last, last
+    assert checkpoint_steps(workdir) == [6, 8]  # nothing deleted, nothing new
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(reference, tmp_path, env):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    # Resume at step 8 with NaN thought embeddings: step 9's loss is NaN.
+    out = train(workdir, env, train_steps=10, **{"quiet_star.embedding_scale": "nan"})
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: loss nan") and "at step 9" in last, last
+    assert "last checkpoint (step 8) is kept" in last
+    assert checkpoint_steps(workdir) == [6, 8]
+    assert max(r["step"] for r in records(workdir)) == 8
+
+
+@pytest.mark.parametrize("overrides, devices, message", [
+    ({"model.nope": 1}, 1, "error: unknown config key '--config.model.nope'"),
+    ({"batch_size": 4}, 8, "error: batch_size=4 is not divisible by the data-parallel size 8"),
+    ({"mesh.data": 3}, 8, "error: mesh data=3 x fsdp=1 x tensor=1 needs 3 devices, but 8 are"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, tmp_path_factory, overrides, devices, message):
+    env = subprocess_env(devices, tmp_path_factory.mktemp("cache"))
+    out = train(tmp_path / "run", env, **overrides)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-1000:]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"seq_len": 3}, "n_ahead_talk=2 needs sequences longer than"),
+    ({"model.source": "hf"}, r"model.source='hf' needs model.path"),
+    ({"quiet_star.n_ahead": 2}, "n_ahead=2: a thought needs n_ahead >= 3"),
+    ({"checkpoint_every": 0}, "checkpoint_every=0 must be >= 1"),
+])
+def test_bad_settings_are_value_errors_naming_them(tmp_path, overrides, message):
+    from tiny import get_config
+
+    from qstar_jax import train as train_lib
+
+    config = get_config()
+    config.update_from_flattened_dict(overrides)
+    with pytest.raises(ValueError, match=message):
+        train_lib.run(config, str(tmp_path))
+
+
+TWO_PROCESS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2,
+                               process_id=int(sys.argv[2]))
+    sys.path.insert(0, sys.argv[5])
+    import tiny
+    from qstar_jax import train
+    config = tiny.get_config()
+    config.update_from_flattened_dict(json.loads(sys.argv[3]))
+    train.run(config, sys.argv[4])
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes(reference, tmp_path_factory) -> Path:
+    """RUN on two processes of two CPU devices each, batch and weights split over both."""
+    workdir = tmp_path_factory.mktemp("two_processes") / "run"
+    env = subprocess_env(2, tmp_path_factory.mktemp("cache"))
+    overrides = json.dumps({**RUN, "mesh.data": 2, "mesh.fsdp": 2})
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, port, str(i), overrides,
+                               str(workdir), str(ROOT / "configs")], env=env, cwd=workdir.parent,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, stderr) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    assert "2 processes" in outs[0][0]
+    return workdir
+
+
+def test_two_processes_train_like_one(reference, two_processes):
+    got, want = records(two_processes), records(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for name in ("loss", "nll", "loss_base", "loss_talk", "grad_norm", "eval/loss_base",
+                     "eval/loss_think"):
+            if name in w:
+                np.testing.assert_allclose(g[name], w[name], rtol=1e-5, err_msg=f"{g['step']}")
+    assert checkpoint_steps(two_processes) == [6, 8]
+
+
+def test_export_writes_a_checkpoint_transformers_scores_as_training_did(two_processes,
+                                                                       tmp_path):
+    """The exported step-8 model, run by transformers, gives the held-out base loss the run
+    logged at step 8 (computed there from parameters split over two processes)."""
+    import torch
+    import transformers
+
+    from qstar_jax import checkpoint, data
+    from qstar_jax import tokenizer as tokenizer_lib
+
+    out = tmp_path / "hf"
+    assert checkpoint.export_checkpoint(str(two_processes), None, str(out)) == 8
+    config = checkpoint.load_config(str(two_processes))
+    tok = tokenizer_lib.load(str(out))
+    batch = data.heldout_batches(config.data, tok, seq_len=config.seq_len,
+                                 global_batch=config.batch_size, num_batches=1)[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(batch["tokens"]).long()).logits.numpy()
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    targets, valid = batch["tokens"][:, 1:], batch["mask"][:, 1:]
+    ce = -np.take_along_axis(logp[:, :-1], targets[..., None], -1)[..., 0]
+    logged = [r for r in records(two_processes) if r["step"] == 8 and "eval/loss_base" in r][0]
+    np.testing.assert_allclose(ce[valid].mean(), logged["eval/loss_base"], rtol=1e-4)
+    settings = json.loads((out / "config.json").read_text())["quiet_star"]
+    assert settings["n_ahead"] == 4 and settings["policy_loss_beta"] == 1.0
+    added = json.loads((out / "added_tokens.json").read_text())
+    assert added == {"<|startthought|>": tok.base_vocab_size,
+                     "<|endthought|>": tok.base_vocab_size + 1}
+
+
+HF_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import ml_collections
+    sys.path.insert(0, sys.argv[3])
+    import tiny
+    from qstar_jax import train
+    config = tiny.get_config()
+    config.update_from_flattened_dict(json.loads(sys.argv[1]))
+    config.model = ml_collections.ConfigDict(dict(
+        source="hf", path=sys.argv[2], dtype="float32", param_dtype="float32",
+        remat_policy="none", scan_layers=True))
+    train.run(config, sys.argv[4])
+""")
+
+
+def test_training_resumes_from_an_exported_quiet_star_checkpoint(two_processes, tmp_path):
+    """model.source="hf" on the exported step-8 model: its first held-out evaluation is the one
+    the run logged at step 8 (thinking included: the mixing head and thought embeddings load)."""
+    from qstar_jax import checkpoint
+
+    hf = tmp_path / "hf"
+    checkpoint.export_checkpoint(str(two_processes), 8, str(hf))
+    workdir = tmp_path / "run"
+    env = subprocess_env(1, tmp_path / "cache")
+    overrides = json.dumps({**RUN, "train_steps": 1})
+    out = subprocess.run([sys.executable, "-c", HF_SCRIPT, overrides, str(hf),
+                          str(ROOT / "configs"), str(workdir)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first = records(workdir)[0]
+    logged = [r for r in records(two_processes) if r["step"] == 8 and "eval/loss_base" in r][0]
+    assert first["step"] == 0
+    for name in ("eval/loss_base", "eval/loss_think", "eval/loss_base_hard"):
+        np.testing.assert_allclose(first[name], logged[name], rtol=1e-5, err_msg=name)
+
+
+TOP_KEYS = {"train_steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
+            "checkpoint_keep", "eval_every", "eval_batches", "seed", "distributed", "mesh",
+            "model", "quiet_star", "data", "optim"}
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "gpu", "gpu:hf", "tpu_v4"])
+def test_every_config_holds_exactly_the_keys_a_run_reads(name):
+    import importlib
+
+    from qstar_jax import config as config_lib
+    from qstar_jax import data, optim
+
+    module, _, arg = name.partition(":")
+    config = importlib.import_module(module).get_config(*([arg] if arg else []))
+    assert set(config) == TOP_KEYS
+    assert set(config.mesh) == {"data", "fsdp", "tensor"}
+    if config.model.source == "hf":  # the checkpoint path comes by flag
+        config.model.path = "/checkpoints/model"
+    config_lib.check_model_keys(config.model)
+    assert set(config.quiet_star) == set(config_lib.quiet_star_defaults())
+    assert set(config.data) == set(data.default_config())
+    assert set(config.optim) == set(optim.default_config())
+
+
+def test_gpu_config_is_a_one_billion_parameter_model():
+    from gpu import get_config
+
+    from qstar_jax.model import ModelConfig
+
+    m = get_config().model
+    cfg = ModelConfig(vocab_size=m.vocab_size + 2, d_model=m.d_model, n_layers=m.n_layers,
+                      n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim)
+    assert 0.9e9 < cfg.num_params < 1.2e9
