@@ -68,9 +68,7 @@ def check_model_keys(model: ml_collections.ConfigDict) -> None:
     if extra:
         raise ValueError(f"model.{', model.'.join(extra)} not used by model.source="
                          f"{model.source!r}")
-    if model.source == "hf" and not model.path:
-        raise ValueError("model.path is empty: pass --config.model.path=DIR (a Hugging Face "
-                         "checkpoint directory)")
+
 
 
 def quiet_star_config(section: ml_collections.ConfigDict, model_cfg: ModelConfig,
@@ -114,6 +112,9 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
         model_cfg = ModelConfig(vocab_size=tok.vocab_size, **sizes, **runtime)
         return Model(quiet_star_config(config.quiet_star, model_cfg, tok), tok,
                      _init_token(tok), None)
+    if model.source == "hf" and not model.path:
+        raise ValueError("model.path is empty: pass --config.model.path=DIR (a Hugging Face "
+                         "checkpoint directory)")
     where = model.path if model.source == "hf" else "the demo model"
     if model.source == "demo":
         model_cfg, params, tok = convert.demo_model(**runtime)

@@ -49,7 +49,7 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclasses.dataclass
 class Trainer:
-    """A run's compiled functions on one mesh.
+    """A run's jitted functions on one mesh (each compiles at its first call).
 
     train_step(state, batch) -> (state, metrics): one optimizer update from `grad_accum_steps`
     micro-batches {"tokens", "mask"} [A, B, L]; the state is donated.
@@ -63,11 +63,11 @@ class Trainer:
     init_state: Callable[[int], State]
     train_step: Callable[[State, dict], tuple[State, dict]]
     eval_step: Callable[[dict, dict, jax.Array], tuple[jax.Array, ...]]
-    compile_s: float
 
 
 def build(config: ml_collections.ConfigDict, model: config_lib.Model, mesh: Mesh) -> Trainer:
-    """Shardings of the state, then the init, train and eval functions compiled for `mesh`."""
+    """Shardings of the state, then the init, train and eval functions for `mesh` (each compiles
+    at its first call)."""
     cfg = model.cfg
     optimizer = optim.make_optimizer(config.optim, config.train_steps)
     abstract_params = config_lib.abstract_params(model)
@@ -129,26 +129,19 @@ def build(config: ml_collections.ConfigDict, model: config_lib.Model, mesh: Mesh
         ce_think = -ro.talk_logprobs[:, 0, 0, :-1]  # mixed logits after the thought at j
         return ce_base, ce_think, valid, ro.thought_tokens[:, 0]
 
-    a, b, length = config.optim.grad_accum_steps, config.batch_size, config.seq_len
-    micro_batches = sharding.batch_sharding(mesh, 1)
-    train_batch = {"tokens": jax.ShapeDtypeStruct((a, b, length), jnp.int32,
-                                                  sharding=micro_batches),
-                   "mask": jax.ShapeDtypeStruct((a, b, length), bool, sharding=micro_batches)}
-    start = time.perf_counter()
-    with sharding.activate(mesh):
-        train_compiled = jax.jit(
-            train_step, in_shardings=(state_shardings, micro_batches),
-            out_shardings=(state_shardings, replicated), donate_argnums=0,
-        ).lower(abstract, train_batch).compile()
-    compile_s = time.perf_counter() - start
+    micro_batches = sharding.batch_sharding(mesh, 1)  # [A, B, L]
+    train_jit = jax.jit(train_step, in_shardings=(state_shardings, micro_batches),
+                        out_shardings=(state_shardings, replicated), donate_argnums=0)
     eval_jit = jax.jit(eval_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh),
                                                 replicated))
 
-    def eval_on_mesh(params, batch, rng):
-        with sharding.activate(mesh):  # compiled at the first call
-            return eval_jit(params, batch, rng)
+    def on_mesh(fn):
+        def call(*args):
+            with sharding.activate(mesh):  # traced and compiled at the first call
+                return fn(*args)
+        return call
 
-    return Trainer(model, mesh, abstract, init_state, train_compiled, eval_on_mesh, compile_s)
+    return Trainer(model, mesh, abstract, init_state, on_mesh(train_jit), on_mesh(eval_jit))
 
 
 # ----------------------------------------------------------------------------- logs
@@ -294,7 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     check_batch(model.cfg, config.seq_len)
     trainer = build(config, model, mesh)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
-    _say("model: %s parameters; train step compiled in %.1f s", f"{n_params:,}", trainer.compile_s)
+    _say("model: %s parameters", f"{n_params:,}")
 
     data_kwargs = dict(seq_len=config.seq_len, global_batch=config.batch_size,
                        process_index=jax.process_index(), process_count=jax.process_count())
@@ -316,7 +309,7 @@ def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data
         state = trainer.init_state(config.seed)
     step = int(state["step"])
     _say("starting at step %d of %d%s", step, config.train_steps,
-                 "" if fresh else f" (resumed from {workdir})")
+         "" if fresh else f" (resumed from {workdir})")
     log = MetricsLog(workdir, step)
     lr_fn = optim.learning_rate_fn(config.optim, config.train_steps)
     tokens_per_step = config.optim.grad_accum_steps * config.batch_size * config.seq_len
@@ -326,19 +319,20 @@ def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data
         start = time.perf_counter()
         metrics, samples = evaluate(trainer, params, heldout, config.seed)
         log.write(at, metrics)
-        _say("eval at step %d (%.1f s): base %.4f  thinking %.4f  hardest decile: base "
-                     "%.4f  thinking %.4f", at, time.perf_counter() - start,
-                     metrics["eval/loss_base"], metrics["eval/loss_think"],
-                     metrics["eval/loss_base_hard"], metrics["eval/loss_think_hard"])
+        _say("eval at step %d (%.1f s): base %.4f  thinking %.4f  hardest decile: base %.4f  "
+             "thinking %.4f", at, time.perf_counter() - start, metrics["eval/loss_base"],
+             metrics["eval/loss_think"], metrics["eval/loss_base_hard"],
+             metrics["eval/loss_think_hard"])
         for sample in samples:
             _say("thought: %s", sample)
         log.text(at, "thoughts", "\n\n".join(samples))
 
     if fresh:
         run_eval(0, state["params"])
-    last = time.perf_counter()
-    window: list[float] = []
+    window: list[float] = []  # seconds per step since the last log
+    compiled = False
     while step < config.train_steps:
+        start = time.perf_counter()
         batch = _batches(data_iter, trainer, config.optim.grad_accum_steps)
         state, metrics = trainer.train_step(state, batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -348,11 +342,14 @@ def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data
                 "no checkpoint was saved"
             raise NonFiniteLoss(f"loss {metrics['loss']} / gradient norm {metrics['grad_norm']} "
                                 f"at step {step}: stopped without saving; {kept}")
-        now = time.perf_counter()
-        window.append(now - last)
-        last = now
+        seconds = time.perf_counter() - start
+        if compiled:
+            window.append(seconds)
+        else:  # the first step of a process compiles: not counted in the speed
+            _say("step %d with compilation: %.1f s", step, seconds)
+            compiled = True
         if step % config.log_every == 0 or step == config.train_steps:
-            step_time = sum(window) / len(window)
+            step_time = sum(window) / len(window) if window else seconds
             metrics.update(learning_rate=float(lr_fn(step - 1)), step_time_s=step_time,
                            tokens_per_s=tokens_per_step / step_time)
             window = []
@@ -368,7 +365,6 @@ def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data
             ckpts.wait()
             _say("stopped by SIGTERM at step %d; checkpoint saved", step)
             break
-        last = time.perf_counter()  # evaluation and saving are not training time
     ckpts.wait()
     records = log.records if log.enabled else []
     log.close()
@@ -377,16 +373,17 @@ def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data
 
 
 def _summary(records: list[dict]) -> None:
-    """Held-out losses at the first and the last evaluation."""
+    """Held-out losses at the first and the last evaluation ("hardest decile": the tenth of the
+    tokens the base model finds hardest at that evaluation)."""
     evals = [r for r in records if "eval/loss_base" in r]
     if len(evals) < 2:
         return
     first, last = evals[0], evals[-1]
+    print(f"held-out loss (nats/token), step {first['step']} -> step {last['step']}:")
     for name, key in (("base", "eval/loss_base"), ("with thinking", "eval/loss_think"),
                       ("hardest decile, base", "eval/loss_base_hard"),
                       ("hardest decile, with thinking", "eval/loss_think_hard")):
-        print(f"held-out loss {name}: {first[key]:.4f} (step {first['step']}) -> "
-              f"{last[key]:.4f} (step {last['step']})")
+        print(f"  {name + ':':31s}{first[key]:.4f} -> {last[key]:.4f}")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -17,6 +17,7 @@ import pytest
 from qstar_jax import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
 # configs/tiny.py with shorter rows and one layer. The reference's policy_loss_beta of 1e6 would
 # turn float32 rounding of the first steps' near-zero rewards (differences of ~6.0 nats computed
 # in a mesh-dependent order) into the largest gradient term, so these runs use beta 1 and a
@@ -38,12 +39,17 @@ def subprocess_env(devices: int, cache: Path) -> dict:
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def run_python(code: str, args: list[str], env: dict, cwd: Path, timeout: int = 300) -> dict:
-    """Run `code` in a fresh interpreter in `cwd`; returns the JSON it prints after "RESULT"."""
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.split("RESULT", 1)[1])
+def start_python(code: str, args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
+    """Start `code` in a fresh interpreter in `cwd`."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result(proc: subprocess.Popen, timeout: int = 600) -> dict:
+    """The JSON a started interpreter prints after "RESULT"."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.split("RESULT", 1)[1])
 
 
 @pytest.fixture(scope="session")
@@ -97,9 +103,10 @@ MESHES_SCRIPT = textwrap.dedent("""
 
     out = {}
     one = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
-    meshes = {"one": one, **{str(s): jax.make_mesh(s, sharding.MESH_AXES,
-              axis_types=(jax.sharding.AxisType.Auto,) * 3)
-              for s in [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 8, 1)]}}
+    shapes = [tuple(s) for s in json.loads(sys.argv[4])]
+    meshes = {str(s): one if s == (1, 1, 1) else jax.make_mesh(
+              s, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+              for s in shapes}
     for name, mesh in meshes.items():
         trainer = train.build(config, model, mesh)
         state = trainer.init_state(config.seed)
@@ -119,6 +126,9 @@ MESHES_SCRIPT = textwrap.dedent("""
                                params["decoder"]["layers"]["attn"]["q_proj"]["kernel"]
                                .addressable_shards})}}
     # A vocabulary tensor=4 does not divide stays unsplit along it (no padding).
+    if (1, 1, 1) in shapes:
+        print("RESULT" + json.dumps(out))
+        sys.exit()
     mesh = jax.make_mesh((1, 2, 4), sharding.MESH_AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
     abstract = config_lib.abstract_params(model)
@@ -130,14 +140,25 @@ MESHES_SCRIPT = textwrap.dedent("""
 
 
 def test_meshes_train_like_one_device(tmp_path, jax_cache):
-    out = run_python(MESHES_SCRIPT, [json.dumps(OVERRIDES), str(tmp_path), str(ROOT / "configs")],
-                     subprocess_env(8, jax_cache), tmp_path, timeout=600)
-    reference = out.pop("one")["losses"]
+    from tiny import get_config
+
+    from qstar_jax import config as config_lib
+
+    config = get_config()
+    config.update_from_flattened_dict(OVERRIDES)
+    config_lib.workdir_tokenizer(config, str(tmp_path))  # shared by both subprocesses
+    # Two interpreters, one per core, split the five compilations.
+    args = [json.dumps(OVERRIDES), str(tmp_path), str(ROOT / "configs")]
+    procs = [start_python(MESHES_SCRIPT, [*args, json.dumps(shapes)],
+                          subprocess_env(8, jax_cache), tmp_path)
+             for shapes in ([(1, 1, 1), (8, 1, 1), (2, 2, 2)], [(1, 4, 2), (1, 8, 1)])]
+    out = {k: v for proc in procs for k, v in result(proc).items()}
+    reference = out.pop("(1, 1, 1)")["losses"]
     assert reference[-1]["mixing_weight_mean"] > 1e-3  # thinking changes the predictions
-    for mesh, result in out.items():
+    for mesh, run in out.items():
         if mesh == "vocab_over_4":
             continue
-        for step, (got, want) in enumerate(zip(result["losses"], reference, strict=True)):
+        for step, (got, want) in enumerate(zip(run["losses"], reference, strict=True)):
             where = f"mesh {mesh}, step {step + 1}"
             for name in ("loss", "nll", "loss_base", "loss_talk_0", "loss_talk_1", "grad_norm",
                          "mixing_weight_mean"):

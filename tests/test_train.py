@@ -72,12 +72,31 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, env) -> Path:
-    """An uninterrupted run of RUN."""
+def launched(tmp_path_factory, env) -> dict:
+    """RUN uninterrupted on one device, and on two processes of two CPU devices each (batch and
+    weights split over both), started together to use both cores."""
     workdir = tmp_path_factory.mktemp("reference") / "run"
-    out = train(workdir, env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    (workdir / "stdout.txt").write_text(out.stdout)
+    workdir.parent.mkdir(exist_ok=True)
+    one = subprocess.Popen(command(workdir, {}), env=env, cwd=workdir.parent,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pair_dir = tmp_path_factory.mktemp("two_processes") / "run"
+    pair_env = subprocess_env(2, tmp_path_factory.mktemp("cache"))
+    overrides = json.dumps({**RUN, "mesh.data": 2, "mesh.fsdp": 2})
+    port = str(free_port())
+    pair = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, port, str(i), overrides,
+                              str(pair_dir), str(ROOT / "configs")], env=pair_env,
+                             cwd=pair_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+            for i in range(2)]
+    return {"one": (one, workdir), "two": (pair, pair_dir)}
+
+
+@pytest.fixture(scope="module")
+def reference(launched) -> Path:
+    proc, workdir = launched["one"]
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    (workdir / "stdout.txt").write_text(stdout)
     return workdir
 
 
@@ -101,7 +120,8 @@ def test_run_logs_metrics_tensorboard_and_checkpoints(reference):
     assert "mesh: data=1 fsdp=1 tensor=1" in stdout and "parameters" in stdout
     assert "step 8/8" in stdout and "tok/s" in stdout and "ETA" in stdout
     assert "<|startthought|>" in stdout  # sample thoughts
-    assert "held-out loss with thinking:" in stdout
+    assert "held-out loss (nats/token), step 0 -> step 8:" in stdout
+    assert "  with thinking:" in stdout
 
 
 def test_sigterm_saves_and_a_resumed_run_logs_the_same_losses(reference, tmp_path, env):
@@ -225,17 +245,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_processes(reference, tmp_path_factory) -> Path:
-    """RUN on two processes of two CPU devices each, batch and weights split over both."""
-    workdir = tmp_path_factory.mktemp("two_processes") / "run"
-    env = subprocess_env(2, tmp_path_factory.mktemp("cache"))
-    overrides = json.dumps({**RUN, "mesh.data": 2, "mesh.fsdp": 2})
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, port, str(i), overrides,
-                               str(workdir), str(ROOT / "configs")], env=env, cwd=workdir.parent,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=400) for p in procs]
+def two_processes(launched) -> Path:
+    procs, workdir = launched["two"]
+    outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, stderr) in zip(procs, outs, strict=True):
         assert p.returncode == 0, stderr[-3000:]
     assert "2 processes" in outs[0][0]
