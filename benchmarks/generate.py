@@ -1,12 +1,12 @@
 """Milliseconds per generated token (fastest of N): KV-cached "think, then speak" against re-running
-the parallel forward (a rollout over the whole context per new token, as the authors' code does).
+a parallel forward over the whole context for every new token, as the authors' code does.
 
     python benchmarks/generate.py [--contexts 128 512] [--tokens 32]
 
 Prints one JSON object. Model: d_model 256, 4 layers, 8 heads, 2 kv heads, ffn 704, vocabulary
 32000 (+2 thought tokens), n_ahead 12, random weights, float32, batch 1. Thoughts sampled (the
-config's default) and greedy: on a CPU the rollout's Gumbel draws over [L, V] per pass dominate
-the sampled re-run.
+config's default) and greedy. Two re-run baselines: the authors' forward (`naive_rollout`: growing
+block mask, one-hot embeddings, Gumbel-max draws) and qstar_jax's own parallel rollout.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from naive_rollout import naive_loss  # benchmarks/ is on the path when run as a script
 
 from qstar_jax.generate import Decoder
 from qstar_jax.model import ModelConfig, init_params
@@ -78,6 +79,15 @@ def time_rerun(params, cfg, context: int, tokens: int) -> float:
     return fastest_ms(lambda: int(next_token(params, seq, jax.random.key(0))), tokens)
 
 
+def time_rerun_authors(params, cfg, context: int, tokens: int) -> float:
+    """ms per token when every new token re-runs the authors' parallel forward over the context:
+    the growing block mask, one-hot embeddings and Gumbel-max draws of `naive_rollout`."""
+    batch = {"tokens": jnp.asarray(np.random.default_rng(0).integers(1, 32000, (1, context))),
+             "mask": jnp.ones((1, context), bool)}
+    forward = jax.jit(lambda params, rng: naive_loss(params, batch, rng, cfg)[0])
+    return fastest_ms(lambda: float(forward(params, jax.random.key(0))), tokens)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,8 +103,11 @@ def main() -> None:
         for thoughts, c in (("sampled", cfg), ("greedy", cfg.replace(greedy_thoughts=True))):
             think = time_cached(params, c, context, args.tokens, thinking=True)
             rerun = time_rerun(params, c, context, args.rerun_tokens)
+            authors = time_rerun_authors(params, c, context, args.rerun_tokens)
             row[f"{thoughts}_thoughts"] = {
                 "ms_per_token_thinking": round(think, 3),
+                "ms_per_token_rerun_authors": round(authors, 2),
+                "rerun_authors_over_thinking": round(authors / think, 1),
                 "ms_per_token_rerun_parallel": round(rerun, 2),
                 "rerun_over_thinking": round(rerun / think, 1),
                 "thinking_over_no_thinking": round(think / plain, 2),

@@ -30,6 +30,7 @@ from qstar_jax.thoughts import (
     lm_logits,
     mask_thought_logits,
     mix,
+    sample,
     start_end_embeddings,
 )
 
@@ -159,18 +160,6 @@ def think(params: Params, cfg: QuietStarConfig, state: DecodeState, rng: jax.Arr
     _, buffer = chain_pass(buffer, x_last, cfg.n_ahead - 2)  # keys of the last sampled token
     h_end, _ = chain_pass(buffer, jnp.broadcast_to(end_D, (b, 1, m.d_model)), cfg.n_ahead - 1)
     return h_end[:, 0], thought_SB.T
-
-
-def sample(rng: jax.Array, logits_BV: jax.Array) -> jax.Array:
-    """A draw [B] from softmax(logits) by inverting its CDF with one uniform per row.
-
-    The same distribution as jax.random.categorical, without its V Gumbel draws per row (on a
-    CPU those cost more than the rest of a decoding step's thought).
-    """
-    cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV.astype(jnp.float32), -1), -1)
-    tiny = jnp.finfo(jnp.float32).tiny  # u > 0: a zero-probability first token is never drawn
-    u_B1 = jax.random.uniform(rng, cdf_BV.shape[:-1] + (1,), minval=tiny) * cdf_BV[..., -1:]
-    return jnp.minimum(jnp.sum(cdf_BV < u_B1, -1), logits_BV.shape[-1] - 1).astype(jnp.int32)
 
 
 def choose(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:

@@ -13,6 +13,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from qstar_jax.model import (
     Context,
@@ -160,8 +161,9 @@ def lm_logits(params: Params, cfg: QuietStarConfig, h: jax.Array) -> jax.Array:
 
 def mask_thought_logits(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
     """Logits with the two thought tokens made impossible (they are never sampled or spoken)."""
-    ids = jnp.array([cfg.start_thought_id, cfg.end_thought_id])
-    return logits_V.at[..., ids].set(-1e10)
+    ids_V = jax.lax.broadcasted_iota(jnp.int32, logits_V.shape, logits_V.ndim - 1)
+    thought_V = (ids_V == cfg.start_thought_id) | (ids_V == cfg.end_thought_id)
+    return jnp.where(thought_V, jnp.asarray(-1e10, logits_V.dtype), logits_V)
 
 
 def mix(params: Params, cfg: QuietStarConfig, h_base_D: jax.Array,
@@ -175,10 +177,44 @@ def mix(params: Params, cfg: QuietStarConfig, h_base_D: jax.Array,
     return (1 - w_) * h_base_D + w_ * h_thought_D, w
 
 
+def sample(rng: jax.Array, logits_BV: jax.Array, block: int = 128) -> jax.Array:
+    """A draw [...] from softmax(logits [..., V]) by inverting its CDF with one uniform per row.
+
+    The same distribution as jax.random.categorical without its V Gumbel draws per row, which
+    dominate a training step on a CPU. The CDF is inverted in two levels (which block of `block`
+    tokens, then which token in it), so no cumulative sum runs over the whole vocabulary.
+    """
+    v = logits_BV.shape[-1]
+    logits = logits_BV.astype(jnp.float32)
+    p = jnp.exp(logits - logits.max(-1, keepdims=True))
+    n_blocks = -(-v // block)
+    pad = [(0, 0)] * (p.ndim - 1) + [(0, n_blocks * block - v)]
+    p_NK = jnp.pad(p, pad).reshape(p.shape[:-1] + (n_blocks, block))  # N blocks of K tokens
+    mass_N = p_NK.sum(-1)
+    cdf_N = jnp.cumsum(mass_N, -1)
+    tiny = jnp.finfo(jnp.float32).tiny  # u > 0: a zero-probability first token is never drawn
+    u = jax.random.uniform(rng, cdf_N.shape[:-1] + (1,), minval=tiny) * cdf_N[..., -1:]
+    blk = jnp.minimum(jnp.sum(cdf_N < u, -1, keepdims=True), n_blocks - 1)
+    u_in = u - (jnp.take_along_axis(cdf_N, blk, -1) - jnp.take_along_axis(mass_N, blk, -1))
+    p_K = jnp.take_along_axis(p_NK, blk[..., None], -2)[..., 0, :]
+    idx = jnp.sum(jnp.cumsum(p_K, -1) < u_in, -1, keepdims=True)
+    # Rounding can put u_in just outside the block's mass: stay on its positive entries.
+    positive = p_K > 0
+    first = jnp.argmax(positive, -1, keepdims=True)
+    last = block - 1 - jnp.argmax(positive[..., ::-1], -1, keepdims=True)
+    return (blk * block + jnp.clip(idx, first, last))[..., 0].astype(jnp.int32)
+
+
 def token_logprob(logits_V: jax.Array, token: jax.Array) -> jax.Array:
-    """log softmax(logits)[token], float32."""
-    logp = jax.nn.log_softmax(logits_V.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, token[..., None], axis=-1)[..., 0]
+    """log softmax(logits)[token], float32.
+
+    Picked with a one-hot select rather than a gather, so that the gradient is an elementwise
+    select that fuses with the softmax instead of a scatter into a fresh [..., V] array.
+    """
+    logits_V = logits_V.astype(jnp.float32)
+    ids_V = jax.lax.broadcasted_iota(jnp.int32, logits_V.shape, logits_V.ndim - 1)
+    picked = jnp.sum(jnp.where(ids_V == token[..., None], logits_V, 0.0), -1)
+    return picked - jax.nn.logsumexp(logits_V, -1)
 
 
 # ----------------------------------------------------------------------------- parallel rollout
@@ -256,7 +292,11 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         slot = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new, k - 1, 3)  # noqa: E731
         return h_BLD, KeyValues(slot(buffer.k, kv.k), slot(buffer.v, kv.v))
 
-    maybe_remat = jax.checkpoint if cfg.remat_passes else (lambda f: f)
+    # The backward pass recomputes each chain pass but keeps the drawn thought tokens: drawing
+    # them again would cost a second sampling pass.
+    saved = jax.checkpoint_policies.save_only_these_names("thought_token")
+    maybe_remat = (lambda f: jax.checkpoint(f, policy=saved)) if cfg.remat_passes else (
+        lambda f: f)
 
     @maybe_remat
     def think_step(carry, xs):
@@ -270,8 +310,9 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         elif cfg.greedy_thoughts:
             token_BL = jnp.argmax(logits, -1)
         else:
-            token_BL = jax.random.categorical(key, logits / cfg.thought_temperature)
-        token_BL = jax.lax.stop_gradient(token_BL).astype(jnp.int32)
+            token_BL = sample(key, logits / cfg.thought_temperature)
+        token_BL = checkpoint_name(jax.lax.stop_gradient(token_BL).astype(jnp.int32),
+                                   "thought_token")
         logprob = token_logprob(logits / cfg.reinforce_temperature, token_BL)
         return (buffer, embed_tokens(params, cfg, token_BL)), (token_BL, logprob)
 
