@@ -3,6 +3,8 @@ same thoughts and the plain forward, and the HTML itself, parsed."""
 
 import html.parser
 import re
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -127,3 +129,26 @@ def test_cli_missing_text_file(checkpoint, tmp_path, capsys):
         visualize.main(["--checkpoint", checkpoint, "--text", str(tmp_path / "none.txt"),
                         "--out", str(tmp_path / "r.html")])
     assert "no such text file" in capsys.readouterr().err
+
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))),
+                None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine")
+def test_page_renders_in_a_headless_browser(checkpoint, loaded, tmp_path):
+    """Chromium parses the page into one coloured span per token and draws it."""
+    _, _, tok = loaded
+    text_file, out, png = tmp_path / "text.txt", tmp_path / "report.html", tmp_path / "r.png"
+    text_file.write_text(TEXT, encoding="utf-8")
+    visualize.main(["--checkpoint", checkpoint, "--text", str(text_file), "--out", str(out)])
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu"]
+    dom = subprocess.run(browser + ["--dump-dom", out.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    parser = Spans()
+    parser.feed(dom)
+    assert len(parser.spans) == len(tok.encode(TEXT))
+    assert all(s["style"].startswith("background-color: rgba(") for s in parser.spans)
+    subprocess.run(browser + [f"--screenshot={png}", "--window-size=800,400", out.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
