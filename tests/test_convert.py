@@ -311,3 +311,101 @@ def test_cli_inspect(copy_of, capsys):
     assert f"parameters: {n:,}" in out and '"n_kv_heads": 2' in out
     with pytest.raises(SystemExit):
         convert.main(["--help"])
+
+
+
+# ----------------------------------------------------------------------------- remote directories
+
+
+@pytest.fixture
+def remote(tmp_path, monkeypatch):
+    """A `fake://` URI scheme that etils.epath serves from tmp_path/bucket, and a fresh cache."""
+    from etils import epath
+    from etils.epath import register
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "fake://",
+                        lambda uri: epath.Path(bucket / uri.split("://", 1)[1]))
+    monkeypatch.setenv("QSTAR_CACHE", str(tmp_path / "cache"))
+    return bucket
+
+
+def upload(directory: Path, bucket: Path, name: str) -> None:
+    (bucket / name).mkdir()
+    for file in directory.iterdir():
+        (bucket / name / file.name).write_bytes(file.read_bytes())
+
+
+def test_local_dir_copies_a_remote_directory_once(remote, copy_of, tmp_path):
+    upload(copy_of, remote, "model")
+    (remote / "model" / "checkpoint-10").mkdir()  # subdirectories stay behind
+    (remote / "model" / "checkpoint-10" / "optimizer.pt").write_bytes(b"x")
+
+    local = convert.local_dir("fake://model/")
+    assert local.parent == tmp_path / "cache" / "remote" and local.name.startswith("model-")
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in copy_of.iterdir())
+    original, copied = tensors_of(copy_of), tensors_of(local)
+    assert sorted(copied) == sorted(original)
+    assert all(np.array_equal(copied[n], w) for n, w in original.items())
+    assert convert.from_hf(local)[0] == convert.from_hf(copy_of)[0]
+
+    (remote / "model" / "config.json").write_text("changed")  # the cached copy is used as is
+    assert convert.local_dir("fake://model") == local
+    assert json.loads((local / "config.json").read_text())["model_type"] == "llama"
+    assert [p.name for p in local.parent.iterdir()] == [local.name]  # no partial copies left
+
+    assert convert.local_dir(str(copy_of)) == copy_of  # local paths are not copied
+    assert convert.local_dir(copy_of) == copy_of
+    with pytest.raises(convert.CheckpointNotFoundError, match="fake://nowhere"):
+        convert.local_dir("fake://nowhere")
+
+
+def test_local_dir_failed_copy_leaves_nothing(remote, copy_of, tmp_path):
+    upload(copy_of, remote, "model")
+    copied = []
+
+    def copy_then_fail(src, dst, length=0):
+        copied.append(dst.name)
+        if len(copied) == 2:
+            raise OSError("connection reset")
+        dst.write(src.read())
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(convert.shutil, "copyfileobj", copy_then_fail)
+        with pytest.raises(OSError, match="connection reset"):
+            convert.local_dir("fake://model")
+    assert list((tmp_path / "cache" / "remote").iterdir()) == []
+    local = convert.local_dir("fake://model")  # the next call copies everything
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in copy_of.iterdir())
+
+
+def test_load_model_reads_a_remote_hf_directory(remote, tmp_path):
+    """config.load_model with model.path a URI: the model, tokenizer and weights arrive."""
+    import ml_collections
+
+    from qstar_jax import config as config_lib
+    from qstar_jax import tokenizer as tokenizer_lib
+    from qstar_jax.model import ModelConfig, init_params
+
+    words = "the cat sat on a mat dog ran fast why because think answer is and so".split()
+    rnd = np.random.default_rng(0)
+    tok = tokenizer_lib.train_sentencepiece(
+        [" ".join(rnd.choice(words, 12)) for _ in range(200)], 330, str(tmp_path / "tok"))
+    cfg = ModelConfig(vocab_size=tok.base_vocab_size, d_model=32, n_layers=2, n_heads=4,
+                      n_kv_heads=2, ffn_dim=48, remat_policy="none")
+    params = init_params(cfg, jax.random.key(0))
+    convert.to_hf(params, cfg, tmp_path / "hf", tokenizer=tok)
+    upload(tmp_path / "hf", remote, "plain")
+
+    config = ml_collections.ConfigDict(dict(
+        seed=0, quiet_star=config_lib.quiet_star_defaults(n_ahead=4),
+        model=dict(source="hf", path="fake://plain", dtype="float32", param_dtype="float32",
+                   remat_policy="none", scan_layers=True)))
+    model = config_lib.load_model(config, str(tmp_path / "run"))
+    assert model.cfg.model == cfg.replace(vocab_size=cfg.vocab_size + 2)
+    assert model.tokenizer.encode("the cat sat") == tok.encode("the cat sat")
+    loaded = model.load()["decoder"]
+    jax.tree.map(np.testing.assert_array_equal, loaded["layers"], params["layers"])
+    np.testing.assert_array_equal(loaded["embed"]["embedding"][:cfg.vocab_size],
+                                  params["embed"]["embedding"])

@@ -266,17 +266,18 @@ def test_two_processes_train_like_one(reference, two_processes):
 
 
 def test_export_writes_a_checkpoint_transformers_scores_as_training_did(two_processes,
-                                                                       tmp_path):
+                                                                       tmp_path, capsys):
     """The exported step-8 model, run by transformers, gives the held-out base loss the run
     logged at step 8 (computed there from parameters split over two processes)."""
     import torch
     import transformers
 
-    from qstar_jax import checkpoint, data
+    from qstar_jax import checkpoint, convert, data
     from qstar_jax import tokenizer as tokenizer_lib
 
     out = tmp_path / "hf"
-    assert checkpoint.export_checkpoint(str(two_processes), None, str(out)) == 8
+    convert.main(["to-hf", "--checkpoint", str(two_processes), "--out", str(out)])
+    assert f"wrote step 8 of {two_processes} to {out}" in capsys.readouterr().out
     config = checkpoint.load_config(str(two_processes))
     tok = tokenizer_lib.load(str(out))
     batch = data.heldout_batches(config.data, tok, seq_len=config.seq_len,
@@ -295,6 +296,45 @@ def test_export_writes_a_checkpoint_transformers_scores_as_training_did(two_proc
     added = json.loads((out / "added_tokens.json").read_text())
     assert added == {"<|startthought|>": tok.base_vocab_size,
                      "<|endthought|>": tok.base_vocab_size + 1}
+
+
+def test_export_writes_the_step_and_dtype_asked_for(two_processes, tmp_path, capsys):
+    import jax.numpy as jnp
+    import safetensors
+
+    from qstar_jax import checkpoint, convert
+    from qstar_jax import config as config_lib
+
+    out = tmp_path / "hf"
+    convert.main(["to-hf", "--checkpoint", str(two_processes), "--step", "6", "--dtype",
+                  "bfloat16", "--out", str(out)])
+    assert f"wrote step 6 of {two_processes}" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safetensors.safe_open(out / "model.safetensors", framework="numpy") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+    exported = np.asarray(convert.from_hf(out)[1]["decoder"]["embed"]["embedding"])
+    workdir = str(two_processes)
+    model = config_lib.load_model(checkpoint.load_config(workdir), workdir)
+    for step in (6, 8):
+        _, saved = checkpoint.restore_params(workdir, step, config_lib.abstract_params(model))
+        rounded = np.asarray(saved["decoder"]["embed"]["embedding"]).astype(jnp.bfloat16)
+        assert np.array_equal(exported, rounded.astype(np.float32)) == (step == 6), step
+
+    with pytest.raises(SystemExit, match=r"no step 7 \(saved: \[6, 8\]\)"):
+        convert.main(["to-hf", "--checkpoint", workdir, "--step", "7", "--out",
+                      str(tmp_path / "step7")])
+    with pytest.raises(SystemExit, match="already exists"):
+        convert.main(["to-hf", "--checkpoint", workdir, "--out", str(out)])
+
+
+def test_export_of_a_directory_without_a_run_is_a_one_line_error(tmp_path):
+    from qstar_jax import convert
+
+    with pytest.raises(SystemExit) as e:
+        convert.main(["to-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")])
+    message = str(e.value.code)
+    assert message.startswith(f"error: {tmp_path}") and "\n" not in message
+    assert "not a training workdir" in message and not (tmp_path / "hf").exists()
 
 
 HF_SCRIPT = textwrap.dedent("""
