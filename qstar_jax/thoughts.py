@@ -13,7 +13,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
+import numpy as np
 
 from qstar_jax.model import (
     Context,
@@ -276,90 +276,163 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     if not cfg.thinks:
         return empty
 
-    n_chain = cfg.n_chain_passes
-    kv_shape = base_kv.k.shape[:3] + (n_chain,) + base_kv.k.shape[3:]  # [N, B, L, C, K, E]
+    # The rationales run side by side as R = P * B rows (rationale-major); every row of a
+    # rationale reads the same base keys.
+    p, n_chain = cfg.n_passes, cfg.n_chain_passes
+    rows = lambda x, axis=0: jnp.concatenate([x] * p, axis)  # noqa: E731  [B, ...] -> [R, ...]
+    r = p * b
+    positions_RL, mask_RL, h_base_RLD = rows(positions_BL), rows(mask_BL), rows(h_base)
+    base_kv_R = KeyValues(rows(base_kv.k, 1), rows(base_kv.v, 1))  # [N, R, L, K, E]
+    kv_shape = base_kv_R.k.shape[:3] + (n_chain,) + base_kv_R.k.shape[3:]  # [N, R, L, C, K, E]
     start_D, end_D = start_end_embeddings(params, cfg)
 
-    def chain_pass(buffer: KeyValues, x_BLD, k: int | jax.Array):
+    def chain_pass(params, base_kv, buffer: KeyValues, x_RLD, k: int | jax.Array):
         """Pass k >= 1: one new token per chain; its keys go to buffer slot k - 1."""
-        q_pos = positions_BL + k
-        prefix = visible(positions_BL, positions_BL, mask_BL)
+        q_pos = positions_RL + k
+        prefix = visible(positions_RL, positions_RL, mask_RL)
         if mcfg.sliding_window is not None:
-            prefix &= (q_pos[:, :, None] - positions_BL[:, None, :]) < mcfg.sliding_window
-        chain = jnp.broadcast_to(jnp.arange(n_chain) < k - 1, (b, length, n_chain))
+            prefix &= (q_pos[:, :, None] - positions_RL[:, None, :]) < mcfg.sliding_window
+        chain = jnp.broadcast_to(jnp.arange(n_chain) < k - 1, (r, length, n_chain))
         ctx = Context(Masks(prefix_BLS=prefix, chain_BLC=chain), prefix=base_kv, chain=buffer)
-        h_BLD, kv = hidden(params, cfg, x_BLD, q_pos, ctx)
+        h_RLD, kv = hidden(params, cfg, x_RLD, q_pos, ctx)
         slot = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new, k - 1, 3)  # noqa: E731
-        return h_BLD, KeyValues(slot(buffer.k, kv.k), slot(buffer.v, kv.v))
+        return h_RLD, KeyValues(slot(buffer.k, kv.k), slot(buffer.v, kv.v))
 
-    # The backward pass recomputes each chain pass but keeps the drawn thought tokens: drawing
-    # them again would cost a second sampling pass.
-    saved = jax.checkpoint_policies.save_only_these_names("thought_token")
-    maybe_remat = (lambda f: jax.checkpoint(f, policy=saved)) if cfg.remat_passes else (
-        lambda f: f)
-
-    @maybe_remat
-    def think_step(carry, xs):
-        """Passes 1..S: feed a token, sample the next thought token from the chain head."""
-        buffer, x_BLD = carry
-        k, key, forced_BL = xs
-        h_BLD, buffer = chain_pass(buffer, x_BLD, k)
-        logits = mask_thought_logits(lm_logits(params, cfg, h_BLD), cfg)
-        if thought_tokens is not None:
-            token_BL = forced_BL
+    def think_step(params, base_kv, buffer, x_RLD, floats, ints, replay):
+        """Passes 1..S: feed a token, draw the next thought token from the chain head."""
+        k, key, forced_RL = ints
+        h_RLD, buffer = chain_pass(params, base_kv, buffer, x_RLD, k)
+        logits = mask_thought_logits(lm_logits(params, cfg, h_RLD), cfg)
+        if replay is not None:  # the backward pass: the token drawn in the forward pass
+            token_RL = replay[0]
+        elif thought_tokens is not None:
+            token_RL = forced_RL
         elif cfg.greedy_thoughts:
-            token_BL = jnp.argmax(logits, -1)
+            token_RL = jnp.argmax(logits, -1).astype(jnp.int32)
         else:
-            token_BL = sample(key, logits / cfg.thought_temperature)
-        token_BL = checkpoint_name(jax.lax.stop_gradient(token_BL).astype(jnp.int32),
-                                   "thought_token")
-        logprob = token_logprob(logits / cfg.reinforce_temperature, token_BL)
-        return (buffer, embed_tokens(params, cfg, token_BL)), (token_BL, logprob)
+            token_RL = sample(key, logits / cfg.thought_temperature)
+        token_RL = jax.lax.stop_gradient(token_RL)
+        logprob = token_logprob(logits / cfg.reinforce_temperature, token_RL)
+        return buffer, embed_tokens(params, cfg, token_RL), (token_RL, logprob)
 
-    @maybe_remat
-    def talk_step(buffer, xs):
+    def talk_step(params, base_kv, buffer, carry, floats, ints, replay):
         """Passes n_ahead-1 ..: end token then true tokens; mix with the base state, score."""
-        k, x_BLD, h_base_BLD, target_BL = xs
-        h_BLD, buffer = chain_pass(buffer, x_BLD, k)
-        h_mix, w_BL = mix(params, cfg, h_base_BLD, h_BLD)
+        x_RLD, h_base_RLD = floats
+        k, target_RL = ints
+        h_RLD, buffer = chain_pass(params, base_kv, buffer, x_RLD, k)
+        h_mix, w_RL = mix(params, cfg, h_base_RLD, h_RLD)
         logits = lm_logits(params, cfg, h_mix)
-        out = (token_logprob(logits, target_BL), w_BL)
-        return buffer, out + ((logits,) if return_talk_logits else ())
+        out = (token_logprob(logits, target_RL), w_RL)
+        return buffer, carry, out + ((logits,) if return_talk_logits else ())
 
-    # Talk inputs: <|endthought|>, then x[j+1], x[j+2], ...; base states and targets shifted.
-    talk_x = jnp.stack([jnp.broadcast_to(end_D, h_base.shape)] + [
-        embed_tokens(params, cfg, _shift(tokens_BL, t)) for t in range(1, t_talk)])
-    talk_h_base = jnp.stack([_shift(h_base, t) for t in range(t_talk)])
-    talk_targets = jnp.stack([_shift(tokens_BL, t + 1) for t in range(t_talk)])
-    talk_k = jnp.arange(cfg.n_ahead - 1, cfg.n_ahead - 1 + t_talk)
-
-    def one_rationale(key, forced_BLS):
-        buffer = KeyValues(jnp.zeros(kv_shape, base_kv.k.dtype),
-                           jnp.zeros(kv_shape, base_kv.v.dtype))
-        x0 = jnp.broadcast_to(start_D, h_base.shape)
-        forced = jnp.moveaxis(forced_BLS, -1, 0)  # [S, B, L]
-        (buffer, x_last), (tokens_S, logprobs_S) = jax.lax.scan(
-            think_step, (buffer, x0), (jnp.arange(1, s + 1), jax.random.split(key, s), forced))
-        # Pass n_ahead-2 feeds the last sampled token; only its keys are needed.
-        _, buffer = maybe_remat(chain_pass)(buffer, x_last, jnp.int32(cfg.n_ahead - 2))
-        _, talk = jax.lax.scan(talk_step, buffer, (talk_k, talk_x, talk_h_base, talk_targets))
-        return (jnp.moveaxis(tokens_S, 0, -1), jnp.moveaxis(logprobs_S, 0, -1)) + talk
+    scan = _scan_against_final_buffer if cfg.remat_passes else _scan
 
     if thought_tokens is None:
-        forced_all = jnp.zeros((cfg.n_passes, b, length, s), jnp.int32)
+        forced_SRL = jnp.zeros((s, r, length), jnp.int32)
     else:
-        expected = (b, cfg.n_passes, length, s)
+        expected = (b, p, length, s)
         if tuple(thought_tokens.shape) != expected:
             raise ValueError(f"thought_tokens has shape {tuple(thought_tokens.shape)}, "
                              f"expected [B, n_passes, L, n_ahead - 3] = {expected}")
-        forced_all = jnp.moveaxis(thought_tokens.astype(jnp.int32), 1, 0)
-    out = jax.vmap(one_rationale)(jax.random.split(rng, cfg.n_passes), forced_all)
-    tokens_PBLS, logprobs_PBLS, talk_lp_PTBL, w_PTBL = out[:4]
-    swap = lambda x: jnp.moveaxis(x, 0, 1)  # noqa: E731  [P, B, ...] -> [B, P, ...]
-    talk_first = lambda x: jnp.moveaxis(x, (0, 1, 2), (1, 2, 0))  # noqa: E731  [P,T,B] -> [B,P,T]
+        forced_SRL = jnp.transpose(thought_tokens.astype(jnp.int32), (3, 1, 0, 2)).reshape(
+            s, r, length)
+    buffer = KeyValues(jnp.zeros(kv_shape, base_kv.k.dtype), jnp.zeros(kv_shape, base_kv.v.dtype))
+    x0 = jnp.broadcast_to(start_D, h_base_RLD.shape)
+    think_ints = (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SRL)
+    buffer, x_last, (tokens_SRL, logprobs_SRL) = scan(
+        think_step, params, base_kv_R, buffer, x0, (), think_ints)
+    # Pass n_ahead-2 feeds the last sampled token; only its keys are needed.
+    lone = jax.checkpoint(chain_pass) if cfg.remat_passes else chain_pass
+    _, buffer = lone(params, base_kv_R, buffer, x_last, jnp.int32(cfg.n_ahead - 2))
+
+    # Talk inputs: <|endthought|>, then x[j+1], x[j+2], ...; base states and targets shifted.
+    tokens_RL = rows(tokens_BL)
+    talk_x = jnp.stack([jnp.broadcast_to(end_D, h_base_RLD.shape)] + [
+        embed_tokens(params, cfg, _shift(tokens_RL, t)) for t in range(1, t_talk)])
+    talk_h_base = jnp.stack([_shift(h_base_RLD, t) for t in range(t_talk)])
+    talk_targets = jnp.stack([_shift(tokens_RL, t + 1) for t in range(t_talk)])
+    talk_k = jnp.arange(cfg.n_ahead - 1, cfg.n_ahead - 1 + t_talk)
+    _, _, talk = scan(talk_step, params, base_kv_R, buffer, (), (talk_x, talk_h_base),
+                      (talk_k, talk_targets))
+
+    # [X, R, ...] (X: passes or talk offsets) -> [B, P, X, ...]
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[:1] + (p, b) + x.shape[2:]),  # noqa: E731
+                                   (0, 1, 2), (2, 1, 0))
+    last_s = lambda x: jnp.moveaxis(split(x), 2, -1)  # noqa: E731  [B, P, S, L] -> [B, P, L, S]
     return Rollout(
         base_logits=base_logits, base_hidden=h_base,
-        thought_tokens=swap(tokens_PBLS), thought_logprobs=swap(logprobs_PBLS),
-        talk_logprobs=talk_first(talk_lp_PTBL), mixing_weights=talk_first(w_PTBL),
-        talk_logits=talk_first(out[4]) if return_talk_logits else None,
+        thought_tokens=last_s(tokens_SRL), thought_logprobs=last_s(logprobs_SRL),
+        talk_logprobs=split(talk[0]), mixing_weights=split(talk[1]),
+        talk_logits=split(talk[2]) if return_talk_logits else None,
     )
+
+
+# ----------------------------------------------------------------------------- pass scans
+
+
+def _scan(step, params, base_kv, buffer, carry, floats, ints):
+    """jax.lax.scan of `step(params, base_kv, buffer, carry, float_x, int_x, None) -> (buffer,
+    carry, y)` over the leading axis of `floats` and `ints`: (final buffer, final carry, ys)."""
+
+    def body(state, xs):
+        buffer, carry = state
+        buffer, carry, y = step(params, base_kv, buffer, carry, *xs, None)
+        return (buffer, carry), y
+
+    (buffer, carry), ys = jax.lax.scan(body, (buffer, carry), (floats, ints))
+    return buffer, carry, ys
+
+
+def _scan_against_final_buffer(step, params, base_kv, buffer, carry, floats, ints):
+    """`_scan` whose backward pass recomputes each pass against the final chain buffer.
+
+    Pass k reads only buffer slots < k - 1 (the chain mask hides the rest), and the final buffer
+    holds exactly those values, so the backward pass needs one buffer, not one per pass: saved
+    memory grows linearly with the number of passes. Each pass is recomputed in the backward
+    pass (rematerialised) with the tokens it drew (`replay`), which are not drawn again.
+    """
+
+    @jax.custom_vjp
+    def run(params, base_kv, buffer, carry, floats, ints):
+        return _scan(step, params, base_kv, buffer, carry, floats, ints)
+
+    def forward(params, base_kv, buffer, carry, floats, ints):
+        def body(state, xs):
+            buffer, carry = state
+            buffer, next_carry, y = step(params, base_kv, buffer, carry, *xs, None)
+            return (buffer, next_carry), (carry, y)
+
+        (buffer, carry_out), (carries, ys) = jax.lax.scan(body, (buffer, carry), (floats, ints))
+        return (buffer, carry_out, ys), (params, base_kv, buffer, carries, floats, ints, ys)
+
+    def backward(saved, cotangents):
+        params, base_kv, final_buffer, carries, floats, ints, ys = saved
+        ct_buffer, ct_carry, ct_ys = cotangents
+        # Integer outputs (drawn tokens) have float0 cotangents, which cannot be scanned over.
+        ct_ys = jax.tree.map(lambda y, ct: ct if _is_float(y) else jnp.zeros(y.shape[:1]),
+                             ys, ct_ys)
+
+        def body(acc, xs):
+            ct_params, ct_base_kv, ct_buffer, ct_carry = acc
+            carry, x_float, x_int, y, ct_y = xs
+            ct_y = jax.tree.map(lambda y, ct: ct if _is_float(y) else np.zeros(
+                y.shape, jax.dtypes.float0), y, ct_y)
+            _, vjp = jax.vjp(lambda p, kv, buf, c, xf: step(p, kv, buf, c, xf, x_int, y),
+                             params, base_kv, final_buffer, carry, x_float)
+            d_params, d_base_kv, ct_buffer, ct_carry, d_x = vjp((ct_buffer, ct_carry, ct_y))
+            add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
+            return (add(ct_params, d_params), add(ct_base_kv, d_base_kv), ct_buffer,
+                    ct_carry), d_x
+
+        zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
+        (d_params, d_base_kv, d_buffer, d_carry), d_floats = jax.lax.scan(
+            body, (zeros(params), zeros(base_kv), ct_buffer, ct_carry),
+            (carries, floats, ints, ys, ct_ys), reverse=True)
+        return d_params, d_base_kv, d_buffer, d_carry, d_floats, None
+
+    run.defvjp(forward, backward)
+    return run(params, base_kv, buffer, carry, floats, ints)
+
+
+def _is_float(x: jax.Array) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
