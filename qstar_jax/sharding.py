@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -70,10 +70,12 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, int, int]
     return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int]) -> Mesh:
-    """The run's mesh over all devices (of all processes), axes in auto (GSPMD) mode."""
-    shape = mesh_shape(sizes, jax.device_count())
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The run's mesh over `devices` (default: all devices of all processes; compile-only TPU
+    devices for ahead-of-time compilation), axes in auto (GSPMD) mode."""
+    shape = mesh_shape(sizes, len(devices) if devices is not None else jax.device_count())
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def describe(mesh: Mesh) -> str:

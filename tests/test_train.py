@@ -406,3 +406,90 @@ def test_gpu_config_is_a_one_billion_parameter_model():
     cfg = ModelConfig(vocab_size=m.vocab_size + 2, d_model=m.d_model, n_layers=m.n_layers,
                       n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim)
     assert 0.9e9 < cfg.num_params < 1.2e9
+
+
+COMPILE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    from tiny import get_config
+    from qstar_jax import train
+
+    config = get_config()
+    config.update_from_flattened_dict(json.loads(sys.argv[1]))
+    out = {"large": train.compile_only(config, "cpu", hbm_bytes=2**40)}
+    try:
+        train.compile_only(config, "cpu", hbm_bytes=2**20)
+    except train.DoesNotFit as e:
+        out["small"] = {"message": str(e), "report": e.report}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_compile_only_reports_memory_per_device_against_the_hbm(env, tmp_path):
+    """The real train step, compiled without running, for this host's CPU device: XLA's memory
+    figures, and DoesNotFit with them when the HBM is smaller (the second compile is cached)."""
+    overrides = {**RUN, "quiet_star.n_ahead": 3}  # the shortest thought: a faster compile
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(overrides),
+                           str(ROOT / "configs")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    large = out["large"]
+    assert large["devices"] == 1 and large["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert large["accum_batch_len"] == [1, 8, 16] and large["parameters"] > 0
+    for key in ("argument_gib", "output_gib", "temp_gib", "total_gib"):
+        assert large[key] > 0, key
+    assert large["total_gib"] == pytest.approx(
+        large["argument_gib"] + large["output_gib"] - large["alias_gib"] + large["temp_gib"],
+        rel=1e-3)
+    assert large["fits"] is True and large["hbm_gib"] == 1024
+    small = out["small"]
+    assert small["report"]["fits"] is False and small["report"]["hbm_gib"] < large["total_gib"]
+    assert small["message"].startswith(f"cpu: the train step needs {large['total_gib']} GiB per "
+                                       "device, more than the 0.0009766 GiB")
+
+
+def test_compile_only_devices_of_v4_slices_are_chips():
+    """v4-N counts TensorCores: N/2 chips, one JAX device each (libtpu's description where it is
+    installed, else an error saying that it is needed)."""
+    import importlib.util
+
+    from qstar_jax import train
+
+    with pytest.raises(ValueError, match="expected cpu, a TPU v4 slice"):
+        train.compile_devices("v4-12")
+    if importlib.util.find_spec("libtpu") is None:
+        with pytest.raises(ValueError, match=r"no TPU topology v4:2x2x4 .*pip install libtpu"):
+            train.compile_devices("v4-32")
+        return
+    for name, topology, chips in (("v4-32", "v4:2x2x4", 16), ("v4-64", "v4:2x4x4", 32)):
+        found, devices = train.compile_devices(name)
+        assert (found, len(devices), devices[0].device_kind) == (topology, chips, "TPU v4")
+
+
+def test_compile_benchmark_stub_is_mistral_7b_with_thought_tokens_added(tmp_path):
+    """benchmarks/tpu_compile.py's stand-in directory reads as Mistral-7B-v0.1 plus the two
+    thought tokens (ids 32000, 32001) through configs/tpu_v4.py, with no weights."""
+    import importlib.util
+    import math
+
+    import jax
+    from tpu_v4 import get_config
+
+    from qstar_jax import config as config_lib
+
+    spec = importlib.util.spec_from_file_location("tpu_compile",
+                                                  ROOT / "benchmarks" / "tpu_compile.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = get_config()
+    config.model.path = str(bench.write_stub(tmp_path / "mistral"))
+    model = config_lib.load_model(config, str(tmp_path))
+    m = model.cfg.model
+    assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim,
+            m.sliding_window, m.tie_embeddings) == (32002, 4096, 32, 32, 8, 14336, 4096, False)
+    assert (model.cfg.start_thought_id, model.cfg.end_thought_id, model.cfg.pad_id) == \
+        (32000, 32001, 2)
+    assert (model.cfg.n_ahead, model.cfg.n_ahead_talk, model.cfg.n_passes) == (12, 4, 2)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(config_lib.abstract_params(model)))
+    assert 7.2e9 < n_params < 7.4e9
