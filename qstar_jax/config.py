@@ -169,7 +169,7 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokeni
         staging = target.parent / f".{TOKENIZER_DIR}.tmp"
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer_lib.train_sentencepiece(texts, config.model.vocab_size, tmp)
-            _copy_files(epath.Path(tmp), staging)
+            convert.copy_files(epath.Path(tmp), staging)
         staging.rename(target)  # appears complete or not at all
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("qstar_jax: tokenizer written")
@@ -179,12 +179,6 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokeni
 def read_tokenizer(directory: epath.Path) -> tokenizer_lib.Tokenizer:
     """tokenizer.load for a local or remote (gs://) directory."""
     with tempfile.TemporaryDirectory() as tmp:
-        _copy_files(directory, epath.Path(tmp))
+        convert.copy_files(directory, epath.Path(tmp))
         return tokenizer_lib.load(tmp)
 
-
-def _copy_files(src: epath.Path, dst: epath.Path) -> None:
-    """Copy the files of a flat directory (local or remote) into `dst`."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())

@@ -674,6 +674,16 @@ def demo_cache_dir() -> Path:
     return cache_root() / "smollm2-135m-instruct"
 
 
+def copy_files(src: epath.Path, dst: epath.Path) -> None:
+    """Copy the files of directory `src` (not its subdirectories) into `dst`; either side local
+    or remote (gs://)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for file in src.iterdir():
+        if not file.is_dir():
+            with file.open("rb") as fin, (dst / file.name).open("wb") as fout:
+                shutil.copyfileobj(fin, fout, 2**24)
+
+
 def local_dir(path: str | os.PathLike) -> Path:
     """A local directory with the files of the HF directory `path`, for the readers here, which
     open local files only.
@@ -696,11 +706,7 @@ def local_dir(path: str | os.PathLike) -> Path:
         raise CheckpointNotFoundError(f"{uri}: no such checkpoint directory")
     try:
         with _atomic_dir(target) as tmp:
-            for file in source.iterdir():
-                if file.is_dir():
-                    continue
-                with file.open("rb") as src, (tmp / file.name).open("wb") as dst:
-                    shutil.copyfileobj(src, dst, 2**24)
+            copy_files(source, epath.Path(tmp))
     except OSError:  # another process may have made the copy meanwhile
         if not target.is_dir():
             raise

@@ -370,14 +370,15 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
 # ----------------------------------------------------------------------------- pass scans
 
 
-def _scan(step, params, base_kv, buffer, carry, floats, ints):
+def _scan(step, params, base_kv, buffer, carry, floats, ints, keep_carries: bool = False):
     """jax.lax.scan of `step(params, base_kv, buffer, carry, float_x, int_x, None) -> (buffer,
-    carry, y)` over the leading axis of `floats` and `ints`: (final buffer, final carry, ys)."""
+    carry, y)` over the leading axis of `floats` and `ints`: (final buffer, final carry, ys), and
+    with `keep_carries` the carry each step received, stacked."""
 
     def body(state, xs):
         buffer, carry = state
-        buffer, carry, y = step(params, base_kv, buffer, carry, *xs, None)
-        return (buffer, carry), y
+        buffer, next_carry, y = step(params, base_kv, buffer, carry, *xs, None)
+        return (buffer, next_carry), ((carry, y) if keep_carries else y)
 
     (buffer, carry), ys = jax.lax.scan(body, (buffer, carry), (floats, ints))
     return buffer, carry, ys
@@ -397,12 +398,8 @@ def _scan_against_final_buffer(step, params, base_kv, buffer, carry, floats, int
         return _scan(step, params, base_kv, buffer, carry, floats, ints)
 
     def forward(params, base_kv, buffer, carry, floats, ints):
-        def body(state, xs):
-            buffer, carry = state
-            buffer, next_carry, y = step(params, base_kv, buffer, carry, *xs, None)
-            return (buffer, next_carry), (carry, y)
-
-        (buffer, carry_out), (carries, ys) = jax.lax.scan(body, (buffer, carry), (floats, ints))
+        buffer, carry_out, (carries, ys) = _scan(step, params, base_kv, buffer, carry, floats,
+                                                 ints, keep_carries=True)
         return (buffer, carry_out, ys), (params, base_kv, buffer, carries, floats, ints, ys)
 
     def backward(saved, cotangents):
