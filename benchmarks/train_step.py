@@ -147,6 +147,8 @@ def measure(step, params, opt_state, batch, rng, steps: int, flops: float,
         out["skipped"] = (f"needs {memory['peak'] / 2 ** 30:.1f} GiB, "
                           f"the device has {limit / 2 ** 30:.1f}")
         return out
+    if steps == 0:  # compile and memory figures only
+        return out
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -191,10 +193,11 @@ def benchmark(name: str, steps: int, naive_steps: int, naive: str | None,
         paths.append(("naive", NAIVE[naive], naive_steps))
         result["naive_form"] = naive
     for path, loss_fn, n in paths:
-        params = init(jax.random.key(0))
-        result[path] = measure(make_step(loss_fn, cfg, optimizer), params,
-                               optimizer.init(params), batch, jax.random.key(1), n, flops,
-                               peak_flops)
+        # With no timed steps nothing runs: shapes are enough, and nothing is allocated.
+        params = init(jax.random.key(0)) if n else jax.eval_shape(init, jax.random.key(0))
+        opt_state = optimizer.init(params) if n else jax.eval_shape(optimizer.init, params)
+        result[path] = measure(make_step(loss_fn, cfg, optimizer), params, opt_state, batch,
+                               jax.random.key(1), n, flops, peak_flops)
         del params
     if naive is not None:
         ours, theirs = result["ours"], result["naive"]
@@ -243,8 +246,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(SETUPS), default="cpu")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps of our path")
-    parser.add_argument("--naive_steps", type=int, default=3, help="timed steps of the naive path")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps of our path (0: compile and memory only)")
+    parser.add_argument("--naive_steps", type=int, default=3,
+                        help="timed steps of the naive path (0: compile and memory only)")
     parser.add_argument("--naive", choices=sorted(NAIVE), default="cached",
                         help="cached: the authors' code (L new tokens a pass against the "
                         "growing keys); rerun: the whole (k+1)L sequence re-run at pass k")
