@@ -701,8 +701,13 @@ def local_dir(path: str | os.PathLike) -> Path:
     target = cache_root() / "remote" / f"{uri.rsplit('/', 1)[-1]}-{digest}"
     if target.is_dir():
         return target
-    source = epath.Path(uri)
-    if not source.is_dir():
+    try:
+        source = epath.Path(uri)
+        found = source.is_dir()
+    except ImportError as e:  # e.g. gs:// without gcsfs
+        raise CheckpointError(f"{uri}: cannot be read here ({e}); gs:// paths need the `tpu` "
+                              "extra: pip install -e '.[tpu]'") from None
+    if not found:
         raise CheckpointNotFoundError(f"{uri}: no such checkpoint directory")
     try:
         with _atomic_dir(target) as tmp:

@@ -361,6 +361,19 @@ def test_local_dir_copies_a_remote_directory_once(remote, copy_of, tmp_path):
         convert.local_dir("fake://nowhere")
 
 
+def test_local_dir_without_the_filesystem_library_names_it(monkeypatch, tmp_path):
+    from etils.epath import register
+
+    monkeypatch.setenv("QSTAR_CACHE", str(tmp_path / "cache"))
+
+    def missing(uri):
+        raise ImportError("Please install gcsfs to access Google Storage")
+
+    monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "fake://", missing)
+    with pytest.raises(convert.CheckpointError, match=r"fake://model: .*gcsfs.*\[tpu\]"):
+        convert.local_dir("fake://model")
+
+
 def test_local_dir_failed_copy_leaves_nothing(remote, copy_of, tmp_path):
     upload(copy_of, remote, "model")
     copied = []
