@@ -10,6 +10,7 @@ stops with an error naming them, rather than silently starting afresh.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from typing import Any
 
@@ -40,7 +41,7 @@ class Checkpoints:
     def __init__(self, workdir: str, keep: int):
         if keep < 1:
             raise ValueError(f"checkpoint_keep={keep} must be >= 1")
-        self.workdir = epath.Path(workdir)
+        self.workdir = _absolute(workdir)
         self.keep = keep
         self._manager = self._open()
         self._stop_requested = False
@@ -141,7 +142,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def restore_params(workdir: str, step: int | None, abstract_params: Any) -> tuple[int, Any]:
     """(step, parameters) of a saved step (None: the newest), gathered onto the host CPU."""
-    manager = ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR,
+    manager = ocp.CheckpointManager(_absolute(workdir) / CHECKPOINT_DIR,
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     steps = list(manager.all_steps())
     if not steps:
@@ -174,3 +175,8 @@ def export_checkpoint(workdir: str, step: int | None, out_dir: str,
     convert.to_hf(params, model.cfg.model, out_dir, tokenizer=model.tokenizer,
                   quiet_star=model.cfg, dtype=dtype)
     return step
+
+
+def _absolute(workdir: str) -> epath.Path:
+    """The workdir as orbax needs it: local paths made absolute, remote (gs://) ones as given."""
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))

@@ -115,3 +115,15 @@ def test_restore_params_names_a_missing_step(tmp_path):
     assert_state_equal(restored, make_state(2)["params"])
     with pytest.raises(checkpoint.CheckpointError, match=r"no step 7 \(saved: \[1, 2\]\)"):
         checkpoint.restore_params(str(tmp_path), 7, params)
+
+
+def test_a_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    """`--workdir=runs/demo` (what `make demo` passes): orbax wants absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    save_steps("runs/demo", [1, 2])
+    ckpts = checkpoint.Checkpoints("runs/demo", 2)
+    restored = ckpts.restore(abstract(make_state(0)), make_iterator())
+    ckpts.close()
+    assert_state_equal(restored, make_state(2))
+    assert sorted(p.name for p in (tmp_path / "runs" / "demo" / "checkpoints").iterdir()) == \
+        ["1", "2"]
