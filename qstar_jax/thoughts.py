@@ -77,6 +77,19 @@ class QuietStarConfig:
         return max(self.n_ahead - 3, 0)
 
     @property
+    def policy_rows(self) -> int:
+        """Rationales per position whose thought tokens can have a nonzero advantage.
+
+        With the TRICE baseline and negative advantages dropped, a position's P advantages sum
+        to zero before clamping, so at most P - 1 stay positive and the policy gradient skips
+        the rest. In float32 this is exact for P = 2; for larger P, rounding of the mean can
+        leave all P within a few ulps of zero, and the smallest is then skipped.
+        """
+        if self.use_trice_baseline and self.remove_negative_rewards and self.n_passes > 1:
+            return self.n_passes - 1
+        return self.n_passes
+
+    @property
     def n_chain_passes(self) -> int:
         """Chain passes after the base pass: thought tokens, then teacher-forced talk tokens."""
         return self.n_ahead + self.n_ahead_talk - 2
@@ -156,7 +169,18 @@ def hidden(params: Params, cfg: QuietStarConfig, x_BLD: jax.Array, positions_BL:
 
 def lm_logits(params: Params, cfg: QuietStarConfig, h: jax.Array) -> jax.Array:
     """Output-head logits [..., V] in float32."""
-    return decoder(cfg).apply({"params": params["decoder"]}, h, method="logits")
+    return head_logits(output_head(params, cfg), cfg, h)
+
+
+def output_head(params: Params, cfg: QuietStarConfig) -> Params:
+    """The decoder parameters the output head reads: the lm_head, or the tied embedding."""
+    name = "embed" if cfg.model.tie_embeddings else "lm_head"
+    return {name: params["decoder"][name]}
+
+
+def head_logits(head: Params, cfg: QuietStarConfig, h: jax.Array) -> jax.Array:
+    """Logits [..., V] in float32 from `output_head`'s parameters."""
+    return decoder(cfg).apply({"params": head}, h, method="logits")
 
 
 def mask_thought_logits(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
@@ -312,8 +336,10 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         else:
             token_RL = sample(key, logits / cfg.thought_temperature)
         token_RL = jax.lax.stop_gradient(token_RL)
-        logprob = token_logprob(logits / cfg.reinforce_temperature, token_RL)
-        return buffer, embed_tokens(params, cfg, token_RL), (token_RL, logprob)
+        # The value only: `policy_logprobs` gives the log-probs their gradient after the scan.
+        logprob = token_logprob(jax.lax.stop_gradient(logits) / cfg.reinforce_temperature,
+                                token_RL)
+        return buffer, embed_tokens(params, cfg, token_RL), (token_RL, logprob, h_RLD)
 
     def talk_step(params, base_kv, buffer, carry, floats, ints, replay):
         """Passes n_ahead-1 ..: end token then true tokens; mix with the base state, score."""
@@ -339,8 +365,10 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     buffer = KeyValues(jnp.zeros(kv_shape, base_kv.k.dtype), jnp.zeros(kv_shape, base_kv.v.dtype))
     x0 = jnp.broadcast_to(start_D, h_base_RLD.shape)
     think_ints = (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SRL)
-    buffer, x_last, (tokens_SRL, logprobs_SRL) = scan(
+    buffer, x_last, (tokens_SRL, logprobs_SRL, h_SRLD) = scan(
         think_step, params, base_kv_R, buffer, x0, (), think_ints)
+    logprobs_SRL = policy_logprobs(output_head(params, cfg), h_SRLD, tokens_SRL, logprobs_SRL,
+                                   cfg)
     # Pass n_ahead-2 feeds the last sampled token; only its keys are needed.
     lone = jax.checkpoint(chain_pass) if cfg.remat_passes else chain_pass
     _, buffer = lone(params, base_kv_R, buffer, x_last, jnp.int32(cfg.n_ahead - 2))
@@ -365,6 +393,57 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         talk_logprobs=split(talk[0]), mixing_weights=split(talk[1]),
         talk_logits=split(talk[2]) if return_talk_logits else None,
     )
+
+
+# ----------------------------------------------------------------------------- policy gradient
+
+
+def policy_logprobs(head: Params, h_SRLD: jax.Array, tokens_SRL: jax.Array,
+                    values_SRL: jax.Array, cfg: QuietStarConfig) -> jax.Array:
+    """`values` (the thought tokens' log-probs at reinforce_temperature) with their gradient.
+
+    The gradient flows into the output head and the chain states `h` [S, R, L, D] (rows
+    rationale-major, R = P * B). It is computed pass by pass on the `cfg.policy_rows`
+    rationales of each position with the largest cotangents, the logits recomputed for those
+    rows only: the REINFORCE cotangents (advantage-weighted) are zero on the others.
+    """
+    temperature, p, m = cfg.reinforce_temperature, cfg.n_passes, cfg.policy_rows
+
+    def logprob(head, h, tokens):
+        logits = mask_thought_logits(head_logits(head, cfg, h), cfg)
+        return token_logprob(logits / temperature, tokens)
+
+    @jax.custom_vjp
+    def with_gradient(head, h_SRLD, tokens_SRL, values_SRL):
+        return values_SRL
+
+    def forward(head, h_SRLD, tokens_SRL, values_SRL):
+        return values_SRL, (head, h_SRLD, tokens_SRL)
+
+    def backward(saved, ct_SRL):
+        head, h_SRLD, tokens_SRL = saved
+        r, length = h_SRLD.shape[1:3]
+        by_rationale = lambda x: x.reshape((p, r // p) + x.shape[1:])  # noqa: E731 [P, B, L, ...]
+
+        def one_pass(d_head, xs):
+            h_PBLD, tokens_PBL, ct_PBL = map(by_rationale, xs)
+            _, pick_BLM = jax.lax.top_k(jnp.moveaxis(jnp.abs(ct_PBL), 0, -1), m)
+            pick_MBL = jnp.moveaxis(pick_BLM, -1, 0)
+            take = lambda x: jnp.take_along_axis(  # noqa: E731
+                x, pick_MBL.reshape(pick_MBL.shape + (1,) * (x.ndim - 3)), 0)
+            _, vjp = jax.vjp(lambda hd, h: logprob(hd, h, take(tokens_PBL)), head, take(h_PBLD))
+            d_head_pass, d_h_MBLD = vjp(take(ct_PBL))
+            # Back to all P rationales: each picked row to its own, zero on the others.
+            chosen_MPBL = pick_MBL[:, None] == jnp.arange(p)[None, :, None, None]
+            d_h_PBLD = jnp.sum(jnp.where(chosen_MPBL[..., None], d_h_MBLD[:, None], 0), 0)
+            return jax.tree.map(jnp.add, d_head, d_head_pass), d_h_PBLD.reshape(r, length, -1)
+
+        d_head, d_h_SRLD = jax.lax.scan(one_pass, jax.tree.map(jnp.zeros_like, head),
+                                        (h_SRLD, tokens_SRL, ct_SRL))
+        return d_head, d_h_SRLD.astype(h_SRLD.dtype), None, jnp.zeros_like(ct_SRL)
+
+    with_gradient.defvjp(forward, backward)
+    return with_gradient(head, h_SRLD, tokens_SRL, jax.lax.stop_gradient(values_SRL))
 
 
 # ----------------------------------------------------------------------------- pass scans

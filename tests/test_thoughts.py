@@ -16,7 +16,17 @@ import transformers
 from qstar_jax import convert
 from qstar_jax.model import ModelConfig, Transformer, init_params
 from qstar_jax.objective import quiet_star_loss
-from qstar_jax.thoughts import QuietStarConfig, add_thought_params, rollout, sample
+from qstar_jax.thoughts import (
+    QuietStarConfig,
+    add_thought_params,
+    lm_logits,
+    mask_thought_logits,
+    output_head,
+    policy_logprobs,
+    rollout,
+    sample,
+    token_logprob,
+)
 
 BASE_VOCAB, PAD = 40, 0
 B, L = 2, 10
@@ -236,6 +246,45 @@ def test_gradients_match_naive_growing_mask(setup, tmp_path):
     for name in ["start_embedding", "end_embedding", "talk_head.0.0.weight",
                  "model.layers.0.self_attn.q_proj.weight"]:
         assert np.abs(ours[name]).max() > 0, name
+
+
+@pytest.mark.parametrize("trice", [True, False])
+def test_policy_gradient_on_the_rows_that_carry_it(setup, trice):
+    """The thought log-probs' gradient equals plain autodiff for REINFORCE-shaped cotangents.
+
+    With the TRICE baseline at most one of a position's two rationales has a positive advantage
+    and only that row is recomputed; without it every row is.
+    """
+    cfg, params, _ = setup
+    cfg = cfg.replace(use_trice_baseline=trice)
+    s, r, d = cfg.n_sampled, cfg.n_passes * B, cfg.model.d_model
+    keys = jax.random.split(jax.random.key(5), 4)
+    h_SRLD = jax.random.normal(keys[0], (s, r, L, d))
+    tokens_SRL = jax.random.randint(keys[1], (s, r, L), 1, BASE_VOCAB)
+    ct_SRL = jax.random.normal(keys[2], (s, r, L))
+    if trice:  # zero on one random rationale of each position, as clamped advantages are
+        zero_SBL = jax.random.bernoulli(keys[3], 0.5, (s, B, L))
+        ct_SRL = ct_SRL * jnp.concatenate([zero_SBL, ~zero_SBL], 1)
+
+    def plain(p, h):
+        logits = mask_thought_logits(lm_logits(p, cfg, h), cfg)
+        return token_logprob(logits / cfg.reinforce_temperature, tokens_SRL)
+
+    values, vjp = jax.vjp(plain, params, h_SRLD)
+    want_params, want_h = vjp(ct_SRL)
+
+    def ours(p, h):
+        return policy_logprobs(output_head(p, cfg), h, tokens_SRL, plain(p, h), cfg)
+
+    got_values, vjp = jax.vjp(ours, params, h_SRLD)
+    got_params, got_h = vjp(ct_SRL)
+    assert cfg.policy_rows == (1 if trice else 2)
+    np.testing.assert_allclose(got_values, values, atol=1e-6)
+    np.testing.assert_allclose(got_h, want_h, atol=1e-6)
+    want_head = want_params["decoder"]["lm_head"]["kernel"]
+    np.testing.assert_allclose(got_params["decoder"]["lm_head"]["kernel"], want_head,
+                               atol=1e-6 * np.abs(want_head).max())
+    assert np.abs(got_h).max() > 0
 
 
 def test_chain_sees_nothing_of_the_future(setup):
