@@ -148,7 +148,7 @@ def think(params: Params, cfg: QuietStarConfig, state: DecodeState, rng: jax.Arr
         elif cfg.greedy_thoughts:
             token_B = jnp.argmax(logits_BV, -1)
         else:
-            token_B = sample(key, logits_BV / cfg.thought_temperature)
+            token_B = sample(key, logits_BV, cfg.thought_temperature)
         token_B = token_B.astype(jnp.int32)
         return (buffer, embed_tokens(params, cfg, token_B[:, None])), token_B
 

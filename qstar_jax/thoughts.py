@@ -201,8 +201,10 @@ def mix(params: Params, cfg: QuietStarConfig, h_base_D: jax.Array,
     return (1 - w_) * h_base_D + w_ * h_thought_D, w
 
 
-def sample(rng: jax.Array, logits_BV: jax.Array, block: int = 128) -> jax.Array:
-    """A draw [...] from softmax(logits [..., V]) by inverting its CDF with one uniform per row.
+def sample(rng: jax.Array, logits_BV: jax.Array, temperature: float = 1.0,
+           block: int = 128) -> jax.Array:
+    """A draw [...] from softmax(logits [..., V] / temperature) by inverting its CDF with one
+    uniform per row.
 
     The same distribution as jax.random.categorical without its V Gumbel draws per row, which
     dominate a training step on a CPU. The CDF is inverted in two levels (which block of `block`
@@ -210,7 +212,7 @@ def sample(rng: jax.Array, logits_BV: jax.Array, block: int = 128) -> jax.Array:
     """
     v = logits_BV.shape[-1]
     logits = logits_BV.astype(jnp.float32)
-    p = jnp.exp(logits - logits.max(-1, keepdims=True))
+    p = jnp.exp((logits - logits.max(-1, keepdims=True)) / temperature)
     n_blocks = -(-v // block)
     pad = [(0, 0)] * (p.ndim - 1) + [(0, n_blocks * block - v)]
     p_NK = jnp.pad(p, pad).reshape(p.shape[:-1] + (n_blocks, block))  # N blocks of K tokens
@@ -334,7 +336,7 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         elif cfg.greedy_thoughts:
             token_RL = jnp.argmax(logits, -1).astype(jnp.int32)
         else:
-            token_RL = sample(key, logits / cfg.thought_temperature)
+            token_RL = sample(key, logits, cfg.thought_temperature)
         token_RL = jax.lax.stop_gradient(token_RL)
         # The value only: `policy_logprobs` gives the log-probs their gradient after the scan.
         logprob = token_logprob(jax.lax.stop_gradient(logits) / cfg.reinforce_temperature,

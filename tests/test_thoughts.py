@@ -405,17 +405,19 @@ def test_short_batch_and_wrong_thought_shape_are_named(setup):
                         thought_tokens=jnp.zeros((B, 1, L, 2), jnp.int32))
 
 
-def test_sampler_draws_from_the_softmax_across_blocks():
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampler_draws_from_the_softmax_across_blocks(temperature):
     """The two-level inverse-CDF sampler against exact probabilities over a 300-token vocabulary
     (three blocks of 128, the last padded), including zero-probability tokens at block edges."""
     v, n = 300, 200_000
     logits = np.random.default_rng(0).normal(size=v) * 1.5
     for never in (0, 127, 128, 255, 256, 299):
         logits[never] = -1e10
-    probs = np.exp(logits - logits.max())
+    probs = np.exp((logits - logits.max()) / temperature)
     probs /= probs.sum()
     logits_NV = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, v))
-    counts = np.bincount(np.asarray(sample(jax.random.key(3), logits_NV)), minlength=v)
+    counts = np.bincount(np.asarray(sample(jax.random.key(3), logits_NV, temperature)),
+                         minlength=v)
     assert counts.shape == (v,)
     assert counts[[0, 127, 128, 255, 256, 299]].sum() == 0
     # Pearson chi-square over 300 - 6 cells: mean 293, sd ~24; a wrong sampler is far off.
