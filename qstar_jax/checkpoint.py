@@ -140,38 +140,66 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def restore_params(workdir: str, step: int | None, abstract_params: Any) -> tuple[int, Any]:
-    """(step, parameters) of a saved step (None: the newest), gathered onto the host CPU."""
-    manager = ocp.CheckpointManager(_absolute(workdir) / CHECKPOINT_DIR,
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+def _read_only(workdir: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(_absolute(workdir) / CHECKPOINT_DIR,
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def _pick_step(manager: ocp.CheckpointManager, step: int | None) -> int:
     steps = list(manager.all_steps())
     if not steps:
         raise CheckpointError(f"{manager.directory}: no saved checkpoints")
-    step = max(steps) if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
         raise CheckpointError(f"{manager.directory}: no step {step} (saved: {sorted(steps)})")
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
-                          abstract_params)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))
-    manager.close()
+    return max(steps) if step is None else step
+
+
+def saved_step(workdir: str, step: int | None = None) -> int:
+    """`step` if the workdir has it saved (None: the newest saved step); else CheckpointError."""
+    manager = _read_only(workdir)
+    try:
+        return _pick_step(manager, step)
+    finally:
+        manager.close()
+
+
+def restore_params(workdir: str, step: int | None, abstract_params: Any) -> tuple[int, Any]:
+    """(step, parameters) of a saved step (None: the newest), gathered onto the host CPU."""
+    manager = _read_only(workdir)
+    try:
+        step = _pick_step(manager, step)
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
+                              abstract_params)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target)))
+    finally:
+        manager.close()
     return step, restored.params
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[int, Any, Any]:
+    """(step, model, parameters) of a saved step of a run (None: the newest).
+
+    The model is rebuilt from the run's saved config.json, after the step is found to exist.
+    """
+    from qstar_jax import config as config_lib
+
+    config = load_config(workdir)
+    step = saved_step(workdir, step)
+    with jax.default_device(jax.devices("cpu")[0]):
+        model = config_lib.load_model(config, workdir)
+    _, params = restore_params(workdir, step, config_lib.abstract_params(model))
+    return step, model, params
 
 
 def export_checkpoint(workdir: str, step: int | None, out_dir: str,
                       dtype: str = "float32") -> int:
-    """Write a saved step as a Hugging Face directory (with tokenizer and Quiet-STaR settings).
-
-    The model is rebuilt from the run's saved config.json; returns the step written.
-    """
-    from qstar_jax import config as config_lib
+    """Write a saved step as a Hugging Face directory (with tokenizer and Quiet-STaR settings);
+    returns the step written."""
     from qstar_jax import convert
 
-    config = load_config(workdir)
-    with jax.default_device(jax.devices("cpu")[0]):
-        model = config_lib.load_model(config, workdir)
-    step, params = restore_params(workdir, step, config_lib.abstract_params(model))
+    step, model, params = load_run(workdir, step)
     convert.to_hf(params, model.cfg.model, out_dir, tokenizer=model.tokenizer,
                   quiet_star=model.cfg, dtype=dtype)
     return step

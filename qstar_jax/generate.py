@@ -316,12 +316,8 @@ def _load_hf(path: str) -> tuple[QuietStarConfig, Params, object]:
 
 def _load_workdir(path: str) -> tuple[QuietStarConfig, Params, object]:
     from qstar_jax import checkpoint
-    from qstar_jax import config as config_lib
 
-    config = checkpoint.load_config(path)
-    with jax.default_device(jax.devices("cpu")[0]):
-        model = config_lib.load_model(config, path)
-    _, params = checkpoint.restore_params(path, None, config_lib.abstract_params(model))
+    _, model, params = checkpoint.load_run(path)
     return model.cfg, params, model.tokenizer
 
 

@@ -127,3 +127,19 @@ def test_a_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
     assert_state_equal(restored, make_state(2))
     assert sorted(p.name for p in (tmp_path / "runs" / "demo" / "checkpoints").iterdir()) == \
         ["1", "2"]
+
+
+def test_loading_a_run_without_saved_steps_fails_before_building_the_model(tmp_path):
+    """A random-model run builds its tokenizer into the workdir; with no step saved, nothing is
+    built or written: the error names the missing checkpoints."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+    from tiny import get_config
+
+    checkpoint.save_config(str(tmp_path), get_config())
+    (tmp_path / checkpoint.CHECKPOINT_DIR).mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="no saved checkpoints"):
+        checkpoint.load_run(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.CHECKPOINT_DIR,
+                                                          checkpoint.CONFIG_FILE]
