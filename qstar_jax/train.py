@@ -15,6 +15,7 @@ prints its memory per device against the HBM; exit status 1 if it does not fit.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import sys
@@ -44,6 +45,7 @@ State = dict  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
 METRICS_FILE = "metrics.jsonl"
 SAMPLE_THOUGHTS = 3  # decoded thoughts logged at each evaluation
 HARD_QUANTILE = 0.9  # "hard" held-out tokens: the top decile of base-model loss
+HARD_TOKENS_FILE = "eval_hard_tokens.npy"  # which held-out tokens are "hard", fixed at first eval
 
 
 class NonFiniteLoss(RuntimeError):
@@ -231,10 +233,11 @@ def _progress(step: int, total: int, m: dict) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(trainer: Trainer, params, batches: list[dict],
-             seed: int) -> tuple[dict, list[str]]:
-    """Held-out base loss and loss with thinking, overall and on the hardest decile of tokens,
-    plus a few decoded thoughts from the first row. Thoughts use a fixed key: repeatable."""
+def evaluate(trainer: Trainer, params, batches: list[dict], seed: int,
+             hard: np.ndarray | None = None) -> tuple[dict, list[str], np.ndarray]:
+    """Held-out base loss and loss with thinking, overall and on the `hard` tokens (bool, one
+    per valid held-out token; None: this evaluation's hardest decile for the base model), a few
+    decoded thoughts from the first row, and the hard tokens used. Thoughts use a fixed key."""
     rng = jax.device_put(jax.random.PRNGKey(seed + 1),
                          jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec()))
     parts = []
@@ -243,13 +246,17 @@ def evaluate(trainer: Trainer, params, batches: list[dict],
         parts.append([np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in out])
     base, think, valid = (np.concatenate([p[i] for p in parts]) for i in range(3))
     base, think = base[valid], think[valid]
-    hard = base >= np.quantile(base, HARD_QUANTILE)
+    if hard is None or hard.shape != base.shape:
+        if hard is not None:
+            logging.warning("the held-out set changed (%d tokens, %d before): hardest decile "
+                            "chosen again", base.size, hard.size)
+        hard = base >= np.quantile(base, HARD_QUANTILE)
     metrics = {"eval/loss_base": float(base.mean()), "eval/loss_think": float(think.mean()),
                "eval/loss_base_hard": float(base[hard].mean()),
                "eval/loss_think_hard": float(think[hard].mean()), "eval/tokens": int(valid.sum())}
     # Global row 0 is process 0's first row, and process 0 is the one that logs.
     samples = _thought_samples(trainer, batches[0]["tokens"][0], parts[0][2][0], parts[0][3][0])
-    return metrics, samples
+    return metrics, samples, hard
 
 
 def _thought_samples(trainer: Trainer, tokens_L: np.ndarray, valid_L: np.ndarray,
@@ -328,10 +335,19 @@ def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data
     lr_fn = optim.learning_rate_fn(config.optim, config.train_steps)
     tokens_per_step = config.optim.grad_accum_steps * config.batch_size * config.seq_len
     saved = step if not fresh else None
+    hard_path = epath.Path(workdir) / HARD_TOKENS_FILE
+    hard = np.load(io.BytesIO(hard_path.read_bytes())) if hard_path.exists() else None
 
     def run_eval(at: int, params) -> None:
+        nonlocal hard
         start = time.perf_counter()
-        metrics, samples = evaluate(trainer, params, heldout, config.seed)
+        metrics, samples, chosen = evaluate(trainer, params, heldout, config.seed, hard)
+        if chosen is not hard:  # the first evaluation: later ones score the same tokens
+            hard = chosen
+            if jax.process_index() == 0:
+                buffer = io.BytesIO()
+                np.save(buffer, hard)
+                hard_path.write_bytes(buffer.getvalue())
         log.write(at, metrics)
         _say("eval at step %d (%.1f s): base %.4f  thinking %.4f  hardest decile: base %.4f  "
              "thinking %.4f", at, time.perf_counter() - start, metrics["eval/loss_base"],
@@ -388,7 +404,7 @@ def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data
 
 def _summary(records: list[dict]) -> None:
     """Held-out losses at the first and the last evaluation ("hardest decile": the tenth of the
-    tokens the base model finds hardest at that evaluation)."""
+    held-out tokens the base model found hardest at the run's first evaluation)."""
     evals = [r for r in records if "eval/loss_base" in r]
     if len(evals) < 2:
         return

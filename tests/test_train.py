@@ -122,6 +122,12 @@ def test_run_logs_metrics_tensorboard_and_checkpoints(reference):
     assert "<|startthought|>" in stdout  # sample thoughts
     assert "held-out loss (nats/token), step 0 -> step 8:" in stdout
     assert "  with thinking:" in stdout
+    # The hard tokens are the base model's hardest decile at step 0, and stay those tokens.
+    hard = np.load(reference / "eval_hard_tokens.npy")
+    evals = [r for r in logged if "eval/loss_base" in r]
+    assert hard.dtype == bool and hard.size == evals[0]["eval/tokens"]
+    assert 0.08 <= hard.mean() <= 0.2
+    assert evals[0]["eval/loss_base_hard"] > evals[0]["eval/loss_base"]
 
 
 def test_sigterm_saves_and_a_resumed_run_logs_the_same_losses(reference, tmp_path, env):
@@ -166,6 +172,23 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(reference, 
     assert (workdir / "unreadable_checkpoints" / "8").is_dir()  # set aside, not deleted
     assert checkpoint_steps(workdir) == [6, 8]
     assert records(workdir) == records(reference)
+
+
+def test_a_resumed_run_scores_the_hard_tokens_chosen_at_its_first_evaluation(reference,
+                                                                             tmp_path, env):
+    """Resumed from step 6, the step-8 evaluation reads the workdir's hard tokens: made all
+    tokens here, its hard-token losses are then the overall ones."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "8")
+    hard_path = workdir / "eval_hard_tokens.npy"
+    np.save(hard_path, np.ones_like(np.load(hard_path)))
+    out = train(workdir, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = [r for r in records(workdir) if "eval/loss_base" in r][-1]
+    assert last["step"] == 8
+    assert last["eval/loss_base_hard"] == last["eval/loss_base"]
+    assert last["eval/loss_think_hard"] == last["eval/loss_think"]
 
 
 def test_no_readable_checkpoint_is_an_error_naming_them(reference, tmp_path, env):
