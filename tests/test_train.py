@@ -462,6 +462,9 @@ def test_compile_only_reports_memory_per_device_against_the_hbm(env, tmp_path):
     assert large["accum_batch_len"] == [1, 8, 16] and large["parameters"] > 0
     for key in ("argument_gib", "output_gib", "temp_gib", "total_gib"):
         assert large[key] > 0, key
+    # Arguments: float32 parameters and AdamW's two moments, plus the batch and a few scalars.
+    state_gib = 3 * 4 * large["parameters"] / 2**30
+    assert state_gib <= large["argument_gib"] <= state_gib + 1e-4
     assert large["total_gib"] == pytest.approx(
         large["argument_gib"] + large["output_gib"] - large["alias_gib"] + large["temp_gib"],
         rel=1e-3)
