@@ -377,12 +377,15 @@ HF_SCRIPT = textwrap.dedent("""
 
 def test_training_resumes_from_an_exported_quiet_star_checkpoint(two_processes, tmp_path):
     """model.source="hf" on the exported step-8 model: its first held-out evaluation is the one
-    the run logged at step 8 (thinking included: the mixing head and thought embeddings load)."""
+    the run logged at step 8 (thinking included: the mixing head and thought embeddings load),
+    on the same hard tokens when given the run's."""
     from qstar_jax import checkpoint
 
     hf = tmp_path / "hf"
     checkpoint.export_checkpoint(str(two_processes), 8, str(hf))
     workdir = tmp_path / "run"
+    workdir.mkdir()
+    shutil.copy(two_processes / "eval_hard_tokens.npy", workdir)
     env = subprocess_env(1, tmp_path / "cache")
     overrides = json.dumps({**RUN, "train_steps": 1})
     out = subprocess.run([sys.executable, "-c", HF_SCRIPT, overrides, str(hf),
