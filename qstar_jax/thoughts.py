@@ -256,7 +256,9 @@ class Rollout:
     base_logits: jax.Array  # [B, L, V] float32
     base_hidden: jax.Array  # [B, L, D]
     thought_tokens: jax.Array  # [B, P, L, S] int32
-    thought_logprobs: jax.Array  # [B, P, L, S] log-prob at reinforce_temperature
+    # [B, P, L, S] log-prob at reinforce_temperature; its gradient is exact for cotangents
+    # with at most cfg.policy_rows nonzero rationales per position (`policy_logprobs`)
+    thought_logprobs: jax.Array
     talk_logprobs: jax.Array  # [B, P, T, L] log p_mix(x[j + 1 + t]) (0 past the end)
     mixing_weights: jax.Array  # [B, P, T, L]
     talk_logits: jax.Array | None = None  # [B, P, T, L, V], when asked
