@@ -259,6 +259,23 @@ def evaluate(trainer: Trainer, params, batches: list[dict], seed: int,
     return metrics, samples, hard
 
 
+def read_hard_tokens(path: epath.Path) -> np.ndarray | None:
+    """The hard-token mask a run saved at its first evaluation; None if there is none, or (with
+    a warning naming the file) if it is unreadable, so that the next evaluation chooses again."""
+    if not path.exists():
+        return None
+    try:
+        hard = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        logging.warning("%s is unreadable (%s): the hardest decile is chosen again", path, e)
+        return None
+    if hard.dtype != bool or hard.ndim != 1:
+        logging.warning("%s holds %s %s, not a 1-D bool mask: the hardest decile is chosen "
+                        "again", path, hard.dtype, hard.shape)
+        return None
+    return hard
+
+
 def _thought_samples(trainer: Trainer, tokens_L: np.ndarray, valid_L: np.ndarray,
                      thoughts_LS: np.ndarray) -> list[str]:
     """'<context> <|startthought|>thought<|endthought|> -> next' at a few positions of a row."""
@@ -336,7 +353,7 @@ def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data
     tokens_per_step = config.optim.grad_accum_steps * config.batch_size * config.seq_len
     saved = step if not fresh else None
     hard_path = epath.Path(workdir) / HARD_TOKENS_FILE
-    hard = np.load(io.BytesIO(hard_path.read_bytes())) if hard_path.exists() else None
+    hard = read_hard_tokens(hard_path)
 
     def run_eval(at: int, params) -> None:
         nonlocal hard

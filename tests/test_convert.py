@@ -313,7 +313,6 @@ def test_cli_inspect(copy_of, capsys):
         convert.main(["--help"])
 
 
-
 # ----------------------------------------------------------------------------- remote directories
 
 

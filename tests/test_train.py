@@ -191,6 +191,23 @@ def test_a_resumed_run_scores_the_hard_tokens_chosen_at_its_first_evaluation(ref
     assert last["eval/loss_think_hard"] == last["eval/loss_think"]
 
 
+def test_an_unreadable_hard_token_file_is_named_and_chosen_again(tmp_path, caplog):
+    from etils import epath
+
+    from qstar_jax import train
+
+    path = epath.Path(tmp_path / "eval_hard_tokens.npy")
+    assert train.read_hard_tokens(path) is None  # none saved yet
+    path.write_bytes(b"\x00junk")
+    assert train.read_hard_tokens(path) is None
+    np.save(tmp_path / "eval_hard_tokens.npy", np.arange(4.0))
+    assert train.read_hard_tokens(path) is None
+    assert [str(path) in r.getMessage() for r in caplog.records] == [True, True]
+    mask = np.array([True, False, True])
+    np.save(tmp_path / "eval_hard_tokens.npy", mask)
+    np.testing.assert_array_equal(train.read_hard_tokens(path), mask)
+
+
 def test_no_readable_checkpoint_is_an_error_naming_them(reference, tmp_path, env):
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
@@ -466,8 +483,8 @@ def test_compile_only_reports_memory_per_device_against_the_hbm(env, tmp_path):
     for key in ("argument_gib", "output_gib", "temp_gib", "total_gib"):
         assert large[key] > 0, key
     # Arguments: float32 parameters and AdamW's two moments, plus the batch and a few scalars.
-    state_gib = 3 * 4 * large["parameters"] / 2**30
-    assert state_gib <= large["argument_gib"] <= state_gib + 1e-4
+    state_gib = 3 * 4 * large["parameters"] / 2**30  # the report rounds to 4 digits
+    assert state_gib * (1 - 1e-3) <= large["argument_gib"] <= state_gib * (1 + 1e-3) + 1e-4
     assert large["total_gib"] == pytest.approx(
         large["argument_gib"] + large["output_gib"] - large["alias_gib"] + large["temp_gib"],
         rel=1e-3)
