@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--config cpu|gpu_1b] [--steps 5] [--naive_steps 3]
                                     [--naive cached|rerun] [--skip_naive] [--peak_flops F]
+                                    [--no_remat_passes]
     python benchmarks/train_step.py --check
 
 A step is the loss (thoughts sampled), its gradient and the AdamW update of `qstar_jax.optim`,
@@ -150,13 +151,18 @@ def measure(step, params, opt_state, batch, rng, steps: int, flops: float,
     if steps == 0:  # compile and memory figures only
         return out
     times = []
+    cpu_start = time.process_time()
     for _ in range(steps):
         start = time.perf_counter()
         params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, rng))
         times.append(time.perf_counter() - start)
+    cores_busy = (time.process_time() - cpu_start) / sum(times)
     step_s = float(np.median(times))
     b, length = batch["tokens"].shape
-    out.update(step_s=round(step_s, 4), steps=steps, tokens_per_s=round(b * length / step_s, 1),
+    out.update(step_s=round(step_s, 4), steps=steps, step_s_range=[round(min(times), 3),
+                                                                   round(max(times), 3)],
+               host_cores_busy=round(cores_busy, 2),
+               tokens_per_s=round(b * length / step_s, 1),
                peak_rss_growth_mib=round((peak_rss_bytes() - rss_before) / 2 ** 20, 1),
                loss=float(loss), mfu=round(flops / step_s / peak_flops, 4) if peak_flops else None)
     device_stats = jax.devices()[0].memory_stats()
@@ -166,10 +172,11 @@ def measure(step, params, opt_state, batch, rng, steps: int, flops: float,
 
 
 def benchmark(name: str, steps: int, naive_steps: int, naive: str | None,
-              peak_flops: float | None) -> dict:
+              peak_flops: float | None, remat_passes: bool = True) -> dict:
     """Our step, then the naive one (`naive` a key of NAIVE, None: ours only)."""
     setup = SETUPS[name]
     cfg, init = quiet_star(setup)
+    cfg = cfg.replace(remat_passes=remat_passes)
     device = jax.devices()[0]
     if peak_flops is None:
         peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
@@ -187,6 +194,7 @@ def benchmark(name: str, steps: int, naive_steps: int, naive: str | None,
         "quiet_star": {"batch": setup.batch, "length": setup.length, "n_passes": cfg.n_passes,
                        "n_ahead": cfg.n_ahead, "n_ahead_talk": cfg.n_ahead_talk},
         "model_flops_per_step": flops, "peak_flops": peak_flops,
+        "remat_passes": remat_passes,
     }
     paths = [("ours", quiet_star_loss, steps)]
     if naive is not None:
@@ -256,6 +264,9 @@ def main() -> None:
     parser.add_argument("--skip_naive", action="store_true", help="time our step only")
     parser.add_argument("--peak_flops", type=float, help="device peak FLOP/s for MFU "
                         "(default: bf16 peak of a known device kind)")
+    parser.add_argument("--no_remat_passes", action="store_true",
+                        help="keep every chain pass's activations instead of recomputing them "
+                        "in the backward pass (QuietStarConfig.remat_passes=False)")
     parser.add_argument("--check", action="store_true",
                         help="compare the naive losses and gradients with ours, then exit")
     args = parser.parse_args()
@@ -264,7 +275,7 @@ def main() -> None:
         return
     naive = None if args.skip_naive else args.naive
     print(json.dumps(benchmark(args.config, args.steps, args.naive_steps, naive,
-                               args.peak_flops), indent=2))
+                               args.peak_flops, not args.no_remat_passes), indent=2))
 
 
 if __name__ == "__main__":
