@@ -25,12 +25,15 @@ import numpy as np
 from qstar_jax.model import Context, KeyValues, Masks, Params, visible
 from qstar_jax.thoughts import (
     QuietStarConfig,
+    choose_thought,
     embed_tokens,
     hidden,
     lm_logits,
     mask_thought_logits,
     mix,
     sample,
+    speakable_columns,
+    speakable_token,
     start_end_embeddings,
 )
 
@@ -142,14 +145,12 @@ def think(params: Params, cfg: QuietStarConfig, state: DecodeState, rng: jax.Arr
         buffer, x_B1D = carry
         k, key, forced_B = xs
         h_B1D, buffer = chain_pass(buffer, x_B1D, k)
-        logits_BV = mask_thought_logits(lm_logits(params, cfg, h_B1D[:, 0]), cfg)
-        if forced_BS is not None:
-            token_B = forced_B
-        elif cfg.greedy_thoughts:
-            token_B = jnp.argmax(logits_BV, -1)
+        if forced_BS is None:
+            logits_BV = speakable_columns(lm_logits(params, cfg, h_B1D[:, 0]), cfg)
+            choice_B = choose_thought(logits_BV, key, cfg)
+            token_B = speakable_token(choice_B, cfg)
         else:
-            token_B = sample(key, logits_BV, cfg.thought_temperature)
-        token_B = token_B.astype(jnp.int32)
+            token_B = forced_B
         return (buffer, embed_tokens(params, cfg, token_B[:, None])), token_B
 
     forced_SB = (jnp.zeros((s, b), jnp.int32) if forced_BS is None

@@ -8,6 +8,7 @@ tokens), "start_embedding": [D], "end_embedding": [D] (both stored divided by
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import flax.struct
@@ -201,28 +202,90 @@ def mix(params: Params, cfg: QuietStarConfig, h_base_D: jax.Array,
     return (1 - w_) * h_base_D + w_ * h_thought_D, w
 
 
+def speakable_ids(cfg: QuietStarConfig) -> np.ndarray:
+    """Vocabulary ids other than the two thought tokens [V - 2], ascending: what a thought may
+    contain."""
+    thought = {cfg.start_thought_id, cfg.end_thought_id}
+    return np.array([i for i in range(cfg.model.vocab_size) if i not in thought], np.int32)
+
+
+def _speakable_slice(x: jax.Array, cfg: QuietStarConfig, axis: int) -> jax.Array:
+    """`x` at `speakable_ids` along its vocabulary axis."""
+    ids = speakable_ids(cfg)
+    if np.array_equal(ids, np.arange(ids.size)):  # thought tokens last: a slice
+        return jax.lax.slice_in_dim(x, 0, ids.size, axis=axis)
+    return jnp.take(x, jnp.asarray(ids), axis=axis)
+
+
+def speakable_head(head: Params, cfg: QuietStarConfig) -> Params:
+    """`output_head`'s parameters restricted to `speakable_ids`.
+
+    Thought logits of many rows (a training pass) are computed without the thought tokens' rows
+    instead of masked afterwards: the same distribution, and the softmax and sampling then read
+    the logits directly. A few rows (a decoding step) use `speakable_columns` instead, which
+    copies less.
+    """
+    axis = 0 if cfg.model.tie_embeddings else 1
+    return jax.tree.map(lambda w: _speakable_slice(w, cfg, axis), head)
+
+
+def speakable_columns(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
+    """Full logits [..., V] cut to `speakable_ids` [..., V - 2]."""
+    return _speakable_slice(logits_V, cfg, logits_V.ndim - 1)
+
+
+def speakable_logits(head: Params, cfg: QuietStarConfig, h: jax.Array) -> jax.Array:
+    """Logits [..., V - 2] over `speakable_ids` from `speakable_head`'s parameters, float32."""
+    small = cfg.model.replace(vocab_size=cfg.model.vocab_size - THOUGHT_TOKENS)
+    return Transformer(small).apply({"params": head}, h, method="logits")
+
+
+def speakable_index(tokens: jax.Array, cfg: QuietStarConfig) -> jax.Array:
+    """Position of each (non-thought) token id in `speakable_ids`."""
+    return (tokens - (tokens > cfg.start_thought_id) - (tokens > cfg.end_thought_id)).astype(
+        jnp.int32)
+
+
+def speakable_token(index: jax.Array, cfg: QuietStarConfig) -> jax.Array:
+    """The token id at each position of `speakable_ids` (inverse of `speakable_index`)."""
+    ids = speakable_ids(cfg)
+    if np.array_equal(ids, np.arange(ids.size)):
+        return index
+    return jnp.asarray(ids)[index]
+
+
+def _block_size(v: int) -> int:
+    """A block width for `sample` that divides the vocabulary when it can (no padding)."""
+    return next((k for k in range(256, 63, -1) if v % k == 0), 128)
+
+
 def sample(rng: jax.Array, logits_BV: jax.Array, temperature: float = 1.0,
-           block: int = 128) -> jax.Array:
+           block: int | None = None) -> jax.Array:
     """A draw [...] from softmax(logits [..., V] / temperature) by inverting its CDF with one
     uniform per row.
 
     The same distribution as jax.random.categorical without its V Gumbel draws per row, which
     dominate a training step on a CPU. The CDF is inverted in two levels (which block of `block`
-    tokens, then which token in it), so no cumulative sum runs over the whole vocabulary.
+    tokens, then which token in it): the logits are read by two reductions and one gather, and
+    nothing of their size is written.
     """
     v = logits_BV.shape[-1]
+    block = _block_size(v) if block is None else block
     logits = logits_BV.astype(jnp.float32)
-    p = jnp.exp((logits - logits.max(-1, keepdims=True)) / temperature)
+    m = jnp.max(logits, -1, keepdims=True)
     n_blocks = -(-v // block)
-    pad = [(0, 0)] * (p.ndim - 1) + [(0, n_blocks * block - v)]
-    p_NK = jnp.pad(p, pad).reshape(p.shape[:-1] + (n_blocks, block))  # N blocks of K tokens
-    mass_N = p_NK.sum(-1)
+    if n_blocks * block != v:
+        pad = [(0, 0)] * (logits.ndim - 1) + [(0, n_blocks * block - v)]
+        logits = jnp.pad(logits, pad, constant_values=-jnp.inf)
+    logits_NK = logits.reshape(logits.shape[:-1] + (n_blocks, block))  # N blocks of K tokens
+    mass_N = jnp.sum(jnp.exp((logits_NK - m[..., None]) / temperature), -1)
     cdf_N = jnp.cumsum(mass_N, -1)
     tiny = jnp.finfo(jnp.float32).tiny  # u > 0: a zero-probability first token is never drawn
     u = jax.random.uniform(rng, cdf_N.shape[:-1] + (1,), minval=tiny) * cdf_N[..., -1:]
     blk = jnp.minimum(jnp.sum(cdf_N < u, -1, keepdims=True), n_blocks - 1)
     u_in = u - (jnp.take_along_axis(cdf_N, blk, -1) - jnp.take_along_axis(mass_N, blk, -1))
-    p_K = jnp.take_along_axis(p_NK, blk[..., None], -2)[..., 0, :]
+    p_K = jnp.exp((jnp.take_along_axis(logits_NK, blk[..., None], -2)[..., 0, :] - m)
+                  / temperature)
     idx = jnp.sum(jnp.cumsum(p_K, -1) < u_in, -1, keepdims=True)
     # Rounding can put u_in just outside the block's mass: stay on its positive entries.
     positive = p_K > 0
@@ -231,16 +294,43 @@ def sample(rng: jax.Array, logits_BV: jax.Array, temperature: float = 1.0,
     return (blk * block + jnp.clip(idx, first, last))[..., 0].astype(jnp.int32)
 
 
-def token_logprob(logits_V: jax.Array, token: jax.Array) -> jax.Array:
-    """log softmax(logits)[token], float32.
+def choose_thought(logits: jax.Array, key: jax.Array, cfg: QuietStarConfig) -> jax.Array:
+    """The next thought token [...] as an index into `speakable_ids`, from `speakable_logits`
+    [..., V - 2]: the argmax with `greedy_thoughts`, else a draw at `thought_temperature`."""
+    if cfg.greedy_thoughts:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    return sample(key, logits, cfg.thought_temperature)
 
-    Picked with a one-hot select rather than a gather, so that the gradient is an elementwise
-    select that fuses with the softmax instead of a scatter into a fresh [..., V] array.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def token_logprob(logits_V: jax.Array, token: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """log softmax(logits / temperature)[token], float32.
+
+    Its gradient (onehot - softmax) * cotangent / temperature is written out, so that the
+    backward pass reads the logits once and writes their gradient once.
     """
-    logits_V = logits_V.astype(jnp.float32)
-    ids_V = jax.lax.broadcasted_iota(jnp.int32, logits_V.shape, logits_V.ndim - 1)
-    picked = jnp.sum(jnp.where(ids_V == token[..., None], logits_V, 0.0), -1)
-    return picked - jax.nn.logsumexp(logits_V, -1)
+    return _token_logprob_forward(logits_V, token, temperature)[0]
+
+
+def _token_logprob_forward(logits_V, token, temperature):
+    logits = logits_V.astype(jnp.float32)
+    m = jnp.max(logits, -1, keepdims=True)
+    lse = m / temperature + jnp.log(jnp.sum(jnp.exp((logits - m) / temperature), -1,
+                                            keepdims=True))
+    picked = jnp.take_along_axis(logits, token[..., None], -1) / temperature
+    return (picked - lse)[..., 0], (logits_V, token, lse)
+
+
+def _token_logprob_backward(temperature, saved, ct):
+    logits_V, token, lse = saved
+    logits = logits_V.astype(jnp.float32)
+    ids_V = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    onehot = jnp.where(ids_V == token[..., None], 1.0, 0.0)
+    d_logits = (onehot - jnp.exp(logits / temperature - lse)) * (ct[..., None] / temperature)
+    return d_logits.astype(logits_V.dtype), None
+
+
+token_logprob.defvjp(_token_logprob_forward, _token_logprob_backward)
 
 
 # ----------------------------------------------------------------------------- parallel rollout
@@ -326,24 +416,26 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         slot = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new, k - 1, 3)  # noqa: E731
         return h_RLD, KeyValues(slot(buffer.k, kv.k), slot(buffer.v, kv.v))
 
+    # Thought logits leave out the thought tokens' head rows; sampled tokens are indices into
+    # `speakable_ids`. No gradient flows through sampling: `policy_logprobs` gives the log-probs
+    # theirs after the scan.
+    think_head = jax.lax.stop_gradient(speakable_head(output_head(params, cfg), cfg))
+
     def think_step(params, base_kv, buffer, x_RLD, floats, ints, replay):
         """Passes 1..S: feed a token, draw the next thought token from the chain head."""
         k, key, forced_RL = ints
         h_RLD, buffer = chain_pass(params, base_kv, buffer, x_RLD, k)
-        logits = mask_thought_logits(lm_logits(params, cfg, h_RLD), cfg)
+        logits = speakable_logits(think_head, cfg, jax.lax.stop_gradient(h_RLD))
         if replay is not None:  # the backward pass: the token drawn in the forward pass
-            token_RL = replay[0]
+            choice_RL = replay[0]
         elif thought_tokens is not None:
-            token_RL = forced_RL
-        elif cfg.greedy_thoughts:
-            token_RL = jnp.argmax(logits, -1).astype(jnp.int32)
+            choice_RL = forced_RL
         else:
-            token_RL = sample(key, logits, cfg.thought_temperature)
-        token_RL = jax.lax.stop_gradient(token_RL)
-        # The value only: `policy_logprobs` gives the log-probs their gradient after the scan.
-        logprob = token_logprob(jax.lax.stop_gradient(logits) / cfg.reinforce_temperature,
-                                token_RL)
-        return buffer, embed_tokens(params, cfg, token_RL), (token_RL, logprob, h_RLD)
+            choice_RL = choose_thought(logits, key, cfg)
+        choice_RL = jax.lax.stop_gradient(choice_RL)
+        logprob = token_logprob(logits, choice_RL, cfg.reinforce_temperature)
+        x_next = embed_tokens(params, cfg, speakable_token(choice_RL, cfg))
+        return buffer, x_next, (choice_RL, logprob, h_RLD)
 
     def talk_step(params, base_kv, buffer, carry, floats, ints, replay):
         """Passes n_ahead-1 ..: end token then true tokens; mix with the base state, score."""
@@ -364,15 +456,15 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         if tuple(thought_tokens.shape) != expected:
             raise ValueError(f"thought_tokens has shape {tuple(thought_tokens.shape)}, "
                              f"expected [B, n_passes, L, n_ahead - 3] = {expected}")
-        forced_SRL = jnp.transpose(thought_tokens.astype(jnp.int32), (3, 1, 0, 2)).reshape(
-            s, r, length)
+        forced_SRL = speakable_index(jnp.transpose(thought_tokens, (3, 1, 0, 2)).reshape(
+            s, r, length), cfg)
     buffer = KeyValues(jnp.zeros(kv_shape, base_kv.k.dtype), jnp.zeros(kv_shape, base_kv.v.dtype))
     x0 = jnp.broadcast_to(start_D, h_base_RLD.shape)
     think_ints = (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SRL)
-    buffer, x_last, (tokens_SRL, logprobs_SRL, h_SRLD) = scan(
+    buffer, x_last, (choices_SRL, logprobs_SRL, h_SRLD) = scan(
         think_step, params, base_kv_R, buffer, x0, (), think_ints)
-    logprobs_SRL = policy_logprobs(output_head(params, cfg), h_SRLD, tokens_SRL, logprobs_SRL,
-                                   cfg)
+    logprobs_SRL = policy_logprobs(speakable_head(output_head(params, cfg), cfg), h_SRLD,
+                                   choices_SRL, logprobs_SRL, cfg)
     # Pass n_ahead-2 feeds the last sampled token; only its keys are needed.
     lone = jax.checkpoint(chain_pass) if cfg.remat_passes else chain_pass
     _, buffer = lone(params, base_kv_R, buffer, x_last, jnp.int32(cfg.n_ahead - 2))
@@ -393,7 +485,8 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     last_s = lambda x: jnp.moveaxis(split(x), 2, -1)  # noqa: E731  [B, P, S, L] -> [B, P, L, S]
     return Rollout(
         base_logits=base_logits, base_hidden=h_base,
-        thought_tokens=last_s(tokens_SRL), thought_logprobs=last_s(logprobs_SRL),
+        thought_tokens=last_s(speakable_token(choices_SRL, cfg)),
+        thought_logprobs=last_s(logprobs_SRL),
         talk_logprobs=split(talk[0]), mixing_weights=split(talk[1]),
         talk_logits=split(talk[2]) if return_talk_logits else None,
     )
@@ -402,20 +495,20 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
 # ----------------------------------------------------------------------------- policy gradient
 
 
-def policy_logprobs(head: Params, h_SRLD: jax.Array, tokens_SRL: jax.Array,
+def policy_logprobs(head: Params, h_SRLD: jax.Array, choices_SRL: jax.Array,
                     values_SRL: jax.Array, cfg: QuietStarConfig) -> jax.Array:
     """`values` (the thought tokens' log-probs at reinforce_temperature) with their gradient.
 
-    The gradient flows into the output head and the chain states `h` [S, R, L, D] (rows
+    `head` is `speakable_head`'s and `choices` index `speakable_ids`. The gradient flows into
+    the output head and the chain states `h` [S, R, L, D] (rows
     rationale-major, R = P * B). It is computed pass by pass on the `cfg.policy_rows`
     rationales of each position with the largest cotangents, the logits recomputed for those
     rows only: the REINFORCE cotangents (advantage-weighted) are zero on the others.
     """
     temperature, p, m = cfg.reinforce_temperature, cfg.n_passes, cfg.policy_rows
 
-    def logprob(head, h, tokens):
-        logits = mask_thought_logits(head_logits(head, cfg, h), cfg)
-        return token_logprob(logits / temperature, tokens)
+    def logprob(head, h, choices):
+        return token_logprob(speakable_logits(head, cfg, h), choices, temperature)
 
     @jax.custom_vjp
     def with_gradient(head, h_SRLD, tokens_SRL, values_SRL):
@@ -447,7 +540,7 @@ def policy_logprobs(head: Params, h_SRLD: jax.Array, tokens_SRL: jax.Array,
         return d_head, d_h_SRLD.astype(h_SRLD.dtype), None, jnp.zeros_like(ct_SRL)
 
     with_gradient.defvjp(forward, backward)
-    return with_gradient(head, h_SRLD, tokens_SRL, jax.lax.stop_gradient(values_SRL))
+    return with_gradient(head, h_SRLD, choices_SRL, jax.lax.stop_gradient(values_SRL))
 
 
 # ----------------------------------------------------------------------------- pass scans

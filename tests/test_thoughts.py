@@ -25,6 +25,11 @@ from qstar_jax.thoughts import (
     policy_logprobs,
     rollout,
     sample,
+    speakable_columns,
+    speakable_head,
+    speakable_index,
+    speakable_logits,
+    speakable_token,
     token_logprob,
 )
 
@@ -268,13 +273,15 @@ def test_policy_gradient_on_the_rows_that_carry_it(setup, trice):
 
     def plain(p, h):
         logits = mask_thought_logits(lm_logits(p, cfg, h), cfg)
-        return token_logprob(logits / cfg.reinforce_temperature, tokens_SRL)
+        logprobs = jax.nn.log_softmax(logits / cfg.reinforce_temperature, -1)
+        return jnp.take_along_axis(logprobs, tokens_SRL[..., None], -1)[..., 0]
 
     values, vjp = jax.vjp(plain, params, h_SRLD)
     want_params, want_h = vjp(ct_SRL)
 
     def ours(p, h):
-        return policy_logprobs(output_head(p, cfg), h, tokens_SRL, plain(p, h), cfg)
+        return policy_logprobs(speakable_head(output_head(p, cfg), cfg), h,
+                               speakable_index(tokens_SRL, cfg), plain(p, h), cfg)
 
     got_values, vjp = jax.vjp(ours, params, h_SRLD)
     got_params, got_h = vjp(ct_SRL)
@@ -339,21 +346,65 @@ def test_reinforce_terms_by_hand(setup):
     np.testing.assert_allclose(adv_raw, reward)
 
 
-def test_forced_thoughts_ignore_rng_and_sampling_avoids_thought_tokens(setup):
+@pytest.mark.parametrize("thought_ids", [(BASE_VOCAB, BASE_VOCAB + 1), (5, 2)])
+def test_forced_thoughts_ignore_rng_and_sampling_avoids_thought_tokens(setup, thought_ids):
+    """Also with the thought tokens inside the vocabulary rather than at its end."""
     cfg, params, _ = setup
+    cfg = cfg.replace(start_thought_id=thought_ids[0], end_thought_id=thought_ids[1])
     tokens = jnp.asarray(batch_tokens())
-    thoughts = jnp.asarray(forced_thoughts(cfg))
+    forced = forced_thoughts(cfg)
+    thoughts = jnp.asarray(np.where(np.isin(forced, thought_ids), 1, forced))
     run = jax.jit(lambda p, r, th: quiet_star_loss(p, {"tokens": tokens}, r, cfg, th)[0])
     assert float(run(params, jax.random.key(1), thoughts)) == float(
         run(params, jax.random.key(2), thoughts))
+    # Forced tokens come back as given.
+    forced = rollout(params, tokens, tokens != PAD, jax.random.key(1), cfg, thoughts)
+    np.testing.assert_array_equal(forced.thought_tokens, thoughts)
     # Make the thought tokens by far the likeliest: sampling must still never pick them.
     rigged = jax.tree.map(lambda x: x, params)
     kernel = rigged["decoder"]["lm_head"]["kernel"]
-    rigged["decoder"]["lm_head"]["kernel"] = kernel.at[:, BASE_VOCAB:].set(50.0)
-    ro = rollout(rigged, tokens, tokens != PAD, jax.random.key(4), cfg)
-    assert ro.thought_tokens.shape == (B, cfg.n_passes, L, cfg.n_sampled)
-    assert int(ro.thought_tokens.max()) < BASE_VOCAB
-    assert len(np.unique(np.asarray(ro.thought_tokens))) > 3  # really sampled
+    rigged["decoder"]["lm_head"]["kernel"] = kernel.at[:, list(thought_ids)].set(50.0)
+    for greedy in (False, True):
+        ro = rollout(rigged, tokens, tokens != PAD, jax.random.key(4),
+                     cfg.replace(greedy_thoughts=greedy))
+        assert ro.thought_tokens.shape == (B, cfg.n_passes, L, cfg.n_sampled)
+        drawn = np.asarray(ro.thought_tokens)
+        assert not np.isin(drawn, thought_ids).any()
+        assert drawn.min() >= 0 and drawn.max() < cfg.model.vocab_size
+        if not greedy:
+            assert len(np.unique(drawn)) > 3  # really sampled
+
+
+@pytest.mark.parametrize("thought_ids", [(BASE_VOCAB, BASE_VOCAB + 1), (5, 2)])
+def test_thought_logits_are_the_full_logits_without_the_thought_tokens(setup, thought_ids):
+    cfg, params, _ = setup
+    cfg = cfg.replace(start_thought_id=thought_ids[0], end_thought_id=thought_ids[1])
+    h = jax.random.normal(jax.random.key(0), (3, cfg.model.d_model))
+    keep = np.array([i for i in range(cfg.model.vocab_size) if i not in thought_ids])
+    full = lm_logits(params, cfg, h)
+    got = speakable_logits(speakable_head(output_head(params, cfg), cfg), cfg, h)
+    np.testing.assert_allclose(got, full[:, keep], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(speakable_columns(full, cfg), full[:, keep])
+    np.testing.assert_array_equal(speakable_index(jnp.asarray(keep), cfg), np.arange(keep.size))
+    np.testing.assert_array_equal(speakable_token(jnp.arange(keep.size), cfg), keep)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_token_logprob_and_its_gradient_match_log_softmax(temperature):
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 50)) * 4
+    logits = logits.at[0, 0, 7].set(-1e10)  # a masked entry
+    tokens = jax.random.randint(jax.random.key(1), (2, 3), 0, 50)
+    ct = jax.random.normal(jax.random.key(2), (2, 3))
+
+    def reference(x):
+        logprobs = jax.nn.log_softmax(x / temperature, -1)
+        return jnp.take_along_axis(logprobs, tokens[..., None], -1)[..., 0]
+
+    want, want_vjp = jax.vjp(reference, logits)
+    got, got_vjp = jax.vjp(lambda x: token_logprob(x, tokens, temperature), logits)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_vjp(ct)[0], want_vjp(ct)[0], rtol=1e-6, atol=1e-7)
+    assert float(got_vjp(ct)[0][0, 0, 7]) == 0.0
 
 
 def test_one_step_moves_thought_params_and_decoder(setup):
@@ -405,10 +456,11 @@ def test_short_batch_and_wrong_thought_shape_are_named(setup):
                         thought_tokens=jnp.zeros((B, 1, L, 2), jnp.int32))
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_sampler_draws_from_the_softmax_across_blocks(temperature):
+@pytest.mark.parametrize("temperature, block", [(1.0, 128), (0.5, 128), (1.0, None)])
+def test_sampler_draws_from_the_softmax_across_blocks(temperature, block):
     """The two-level inverse-CDF sampler against exact probabilities over a 300-token vocabulary
-    (three blocks of 128, the last padded), including zero-probability tokens at block edges."""
+    (three blocks of 128, the last padded; or by default two blocks of 150), including
+    zero-probability tokens at block edges."""
     v, n = 300, 200_000
     logits = np.random.default_rng(0).normal(size=v) * 1.5
     for never in (0, 127, 128, 255, 256, 299):
@@ -416,7 +468,7 @@ def test_sampler_draws_from_the_softmax_across_blocks(temperature):
     probs = np.exp((logits - logits.max()) / temperature)
     probs /= probs.sum()
     logits_NV = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, v))
-    counts = np.bincount(np.asarray(sample(jax.random.key(3), logits_NV, temperature)),
+    counts = np.bincount(np.asarray(sample(jax.random.key(3), logits_NV, temperature, block)),
                          minlength=v)
     assert counts.shape == (v,)
     assert counts[[0, 127, 128, 255, 256, 299]].sum() == 0
