@@ -456,6 +456,10 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         if tuple(thought_tokens.shape) != expected:
             raise ValueError(f"thought_tokens has shape {tuple(thought_tokens.shape)}, "
                              f"expected [B, n_passes, L, n_ahead - 3] = {expected}")
+        if not isinstance(thought_tokens, jax.core.Tracer) and np.isin(
+                np.asarray(thought_tokens), (cfg.start_thought_id, cfg.end_thought_id)).any():
+            raise ValueError("thought_tokens contains the ids of <|startthought|> or "
+                             "<|endthought|>, which a thought never contains")
         forced_SRL = speakable_index(jnp.transpose(thought_tokens, (3, 1, 0, 2)).reshape(
             s, r, length), cfg)
     buffer = KeyValues(jnp.zeros(kv_shape, base_kv.k.dtype), jnp.zeros(kv_shape, base_kv.v.dtype))

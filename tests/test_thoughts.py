@@ -454,6 +454,9 @@ def test_short_batch_and_wrong_thought_shape_are_named(setup):
     with pytest.raises(ValueError, match="thought_tokens has shape"):
         quiet_star_loss(params, {"tokens": tokens}, jax.random.key(0), cfg,
                         thought_tokens=jnp.zeros((B, 1, L, 2), jnp.int32))
+    with pytest.raises(ValueError, match="never contains"):
+        rollout(params, tokens, tokens != PAD, jax.random.key(0), cfg,
+                jnp.full((B, cfg.n_passes, L, cfg.n_sampled), cfg.end_thought_id, jnp.int32))
 
 
 @pytest.mark.parametrize("temperature, block", [(1.0, 128), (0.5, 128), (1.0, None)])
