@@ -504,10 +504,10 @@ def policy_logprobs(head: Params, h_SRLD: jax.Array, choices_SRL: jax.Array,
     """`values` (the thought tokens' log-probs at reinforce_temperature) with their gradient.
 
     `head` is `speakable_head`'s and `choices` index `speakable_ids`. The gradient flows into
-    the output head and the chain states `h` [S, R, L, D] (rows
-    rationale-major, R = P * B). It is computed pass by pass on the `cfg.policy_rows`
-    rationales of each position with the largest cotangents, the logits recomputed for those
-    rows only: the REINFORCE cotangents (advantage-weighted) are zero on the others.
+    the output head and the chain states `h` [S, R, L, D] (rows rationale-major, R = P * B).
+    It is computed pass by pass on the `cfg.policy_rows` rationales of each position with the
+    largest cotangents, the logits recomputed for those rows only: the REINFORCE cotangents
+    (advantage-weighted) are zero on the others.
     """
     temperature, p, m = cfg.reinforce_temperature, cfg.n_passes, cfg.policy_rows
 
@@ -515,24 +515,24 @@ def policy_logprobs(head: Params, h_SRLD: jax.Array, choices_SRL: jax.Array,
         return token_logprob(speakable_logits(head, cfg, h), choices, temperature)
 
     @jax.custom_vjp
-    def with_gradient(head, h_SRLD, tokens_SRL, values_SRL):
+    def with_gradient(head, h_SRLD, choices_SRL, values_SRL):
         return values_SRL
 
-    def forward(head, h_SRLD, tokens_SRL, values_SRL):
-        return values_SRL, (head, h_SRLD, tokens_SRL)
+    def forward(head, h_SRLD, choices_SRL, values_SRL):
+        return values_SRL, (head, h_SRLD, choices_SRL)
 
     def backward(saved, ct_SRL):
-        head, h_SRLD, tokens_SRL = saved
+        head, h_SRLD, choices_SRL = saved
         r, length = h_SRLD.shape[1:3]
         by_rationale = lambda x: x.reshape((p, r // p) + x.shape[1:])  # noqa: E731 [P, B, L, ...]
 
         def one_pass(d_head, xs):
-            h_PBLD, tokens_PBL, ct_PBL = map(by_rationale, xs)
+            h_PBLD, choices_PBL, ct_PBL = map(by_rationale, xs)
             _, pick_BLM = jax.lax.top_k(jnp.moveaxis(jnp.abs(ct_PBL), 0, -1), m)
             pick_MBL = jnp.moveaxis(pick_BLM, -1, 0)
             take = lambda x: jnp.take_along_axis(  # noqa: E731
                 x, pick_MBL.reshape(pick_MBL.shape + (1,) * (x.ndim - 3)), 0)
-            _, vjp = jax.vjp(lambda hd, h: logprob(hd, h, take(tokens_PBL)), head, take(h_PBLD))
+            _, vjp = jax.vjp(lambda hd, h: logprob(hd, h, take(choices_PBL)), head, take(h_PBLD))
             d_head_pass, d_h_MBLD = vjp(take(ct_PBL))
             # Back to all P rationales: each picked row to its own, zero on the others.
             chosen_MPBL = pick_MBL[:, None] == jnp.arange(p)[None, :, None, None]
@@ -540,7 +540,7 @@ def policy_logprobs(head: Params, h_SRLD: jax.Array, choices_SRL: jax.Array,
             return jax.tree.map(jnp.add, d_head, d_head_pass), d_h_PBLD.reshape(r, length, -1)
 
         d_head, d_h_SRLD = jax.lax.scan(one_pass, jax.tree.map(jnp.zeros_like, head),
-                                        (h_SRLD, tokens_SRL, ct_SRL))
+                                        (h_SRLD, choices_SRL, ct_SRL))
         return d_head, d_h_SRLD.astype(h_SRLD.dtype), None, jnp.zeros_like(ct_SRL)
 
     with_gradient.defvjp(forward, backward)
