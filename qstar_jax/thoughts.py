@@ -376,7 +376,8 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
 
     The chain of position j sees the base keys x[0..j] (one shared causal prefix) and its own
     earlier chain keys (a per-position buffer), merged in one softmax: O(L^2 + L*k) per pass.
-    `thought_tokens` [B, P, L, S] replaces sampling (tests, analysis).
+    `thought_tokens` [B, P, L, S] replaces sampling (tests, analysis); they are ordinary tokens,
+    never the thought tokens' own ids (checked unless traced).
     """
     b, length = tokens_BL.shape
     check_batch(cfg, length)
