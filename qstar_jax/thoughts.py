@@ -170,18 +170,13 @@ def hidden(params: Params, cfg: QuietStarConfig, x_BLD: jax.Array, positions_BL:
 
 def lm_logits(params: Params, cfg: QuietStarConfig, h: jax.Array) -> jax.Array:
     """Output-head logits [..., V] in float32."""
-    return head_logits(output_head(params, cfg), cfg, h)
+    return decoder(cfg).apply({"params": output_head(params, cfg)}, h, method="logits")
 
 
 def output_head(params: Params, cfg: QuietStarConfig) -> Params:
     """The decoder parameters the output head reads: the lm_head, or the tied embedding."""
     name = "embed" if cfg.model.tie_embeddings else "lm_head"
     return {name: params["decoder"][name]}
-
-
-def head_logits(head: Params, cfg: QuietStarConfig, h: jax.Array) -> jax.Array:
-    """Logits [..., V] in float32 from `output_head`'s parameters."""
-    return decoder(cfg).apply({"params": head}, h, method="logits")
 
 
 def mask_thought_logits(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
@@ -209,12 +204,17 @@ def speakable_ids(cfg: QuietStarConfig) -> np.ndarray:
     return np.array([i for i in range(cfg.model.vocab_size) if i not in thought], np.int32)
 
 
+def _thoughts_last(cfg: QuietStarConfig) -> bool:
+    """Whether the thought tokens are the vocabulary's last two ids (`speakable_ids` a range)."""
+    v = cfg.model.vocab_size
+    return {cfg.start_thought_id, cfg.end_thought_id} == {v - 2, v - 1}
+
+
 def _speakable_slice(x: jax.Array, cfg: QuietStarConfig, axis: int) -> jax.Array:
     """`x` at `speakable_ids` along its vocabulary axis."""
-    ids = speakable_ids(cfg)
-    if np.array_equal(ids, np.arange(ids.size)):  # thought tokens last: a slice
-        return jax.lax.slice_in_dim(x, 0, ids.size, axis=axis)
-    return jnp.take(x, jnp.asarray(ids), axis=axis)
+    if _thoughts_last(cfg):
+        return jax.lax.slice_in_dim(x, 0, cfg.model.vocab_size - THOUGHT_TOKENS, axis=axis)
+    return jnp.take(x, jnp.asarray(speakable_ids(cfg)), axis=axis)
 
 
 def speakable_head(head: Params, cfg: QuietStarConfig) -> Params:
@@ -248,10 +248,7 @@ def speakable_index(tokens: jax.Array, cfg: QuietStarConfig) -> jax.Array:
 
 def speakable_token(index: jax.Array, cfg: QuietStarConfig) -> jax.Array:
     """The token id at each position of `speakable_ids` (inverse of `speakable_index`)."""
-    ids = speakable_ids(cfg)
-    if np.array_equal(ids, np.arange(ids.size)):
-        return index
-    return jnp.asarray(ids)[index]
+    return index if _thoughts_last(cfg) else jnp.asarray(speakable_ids(cfg))[index]
 
 
 def _block_size(v: int) -> int:
