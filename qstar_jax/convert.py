@@ -224,7 +224,7 @@ def _top_tensors(cfg: ModelConfig) -> dict[str, _Tensor]:
     out = {"model.embed_tokens.weight": _Tensor(("embed", "embedding"), (v, d), _same, _same),
            "model.norm.weight": _Tensor(("final_norm", "scale"), (d,), _same, _same)}
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = _Tensor(("lm_head", "kernel"), (v, d), _transposed, _transposed)
+        out["lm_head.weight"] = _Tensor(("lm_head", "kernel"), (v, d), _same, _same)
     return out
 
 

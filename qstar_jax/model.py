@@ -307,9 +307,9 @@ class Transformer(nn.Module):
         else:
             self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")
-        if not cfg.tie_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
-                                    kernel_init=_init(("embed", "vocab")), name="lm_head")
+        if not cfg.tie_embeddings:  # one row per token [V, D], like the embedding and HF
+            self.lm_head = Projection((cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                                      "...d,vd->...v", cfg.dtype, cfg.param_dtype, name="lm_head")
 
     def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
                  valid_BL: jax.Array | None = None) -> jax.Array:

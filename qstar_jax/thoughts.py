@@ -129,7 +129,7 @@ def add_thought_params(decoder_params: Params, cfg: ModelConfig, init_token_id: 
     grow = lambda m: jnp.concatenate([m, jnp.repeat(m.mean(0, keepdims=True), 2, 0)], 0)  # noqa: E731
     grown["embed"] = {"embedding": grow(table)}
     if not cfg.tie_embeddings:
-        grown["lm_head"] = {"kernel": grow(decoder_params["lm_head"]["kernel"].T).T}
+        grown["lm_head"] = {"kernel": grow(decoder_params["lm_head"]["kernel"])}
     new_cfg = cfg.replace(vocab_size=cfg.vocab_size + THOUGHT_TOKENS)
     start = (table[init_token_id] / embedding_scale).astype(table.dtype)
     head = MixingHead(cfg.d_model, cfg.param_dtype).init(
@@ -168,15 +168,22 @@ def hidden(params: Params, cfg: QuietStarConfig, x_BLD: jax.Array, positions_BL:
                               method="hidden")
 
 
+def head_rows(params: Params, cfg: QuietStarConfig) -> jax.Array:
+    """The output head's weights [V, D]: the lm_head kernel, or the tied embedding."""
+    if cfg.model.tie_embeddings:
+        return params["decoder"]["embed"]["embedding"]
+    return params["decoder"]["lm_head"]["kernel"]
+
+
+def head_logits(rows_VD: jax.Array, cfg: QuietStarConfig, h: jax.Array) -> jax.Array:
+    """Logits [..., V'] of states h [..., D] against head rows [V', D], float32."""
+    dt = jnp.dtype(cfg.model.dtype)
+    return jnp.einsum("...d,vd->...v", h.astype(dt), rows_VD.astype(dt)).astype(jnp.float32)
+
+
 def lm_logits(params: Params, cfg: QuietStarConfig, h: jax.Array) -> jax.Array:
     """Output-head logits [..., V] in float32."""
-    return decoder(cfg).apply({"params": output_head(params, cfg)}, h, method="logits")
-
-
-def output_head(params: Params, cfg: QuietStarConfig) -> Params:
-    """The decoder parameters the output head reads: the lm_head, or the tied embedding."""
-    name = "embed" if cfg.model.tie_embeddings else "lm_head"
-    return {name: params["decoder"][name]}
+    return head_logits(head_rows(params, cfg), cfg, h)
 
 
 def mask_thought_logits(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
@@ -217,27 +224,20 @@ def _speakable_slice(x: jax.Array, cfg: QuietStarConfig, axis: int) -> jax.Array
     return jnp.take(x, jnp.asarray(speakable_ids(cfg)), axis=axis)
 
 
-def speakable_head(head: Params, cfg: QuietStarConfig) -> Params:
-    """`output_head`'s parameters restricted to `speakable_ids`.
+def speakable_head(rows_VD: jax.Array, cfg: QuietStarConfig) -> jax.Array:
+    """`head_rows` restricted to `speakable_ids` [V - 2, D].
 
     Thought logits of many rows (a training pass) are computed without the thought tokens' rows
     instead of masked afterwards: the same distribution, and the softmax and sampling then read
     the logits directly. A few rows (a decoding step) use `speakable_columns` instead, which
     copies less.
     """
-    axis = 0 if cfg.model.tie_embeddings else 1
-    return jax.tree.map(lambda w: _speakable_slice(w, cfg, axis), head)
+    return _speakable_slice(rows_VD, cfg, 0)
 
 
 def speakable_columns(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
     """Full logits [..., V] cut to `speakable_ids` [..., V - 2]."""
     return _speakable_slice(logits_V, cfg, logits_V.ndim - 1)
-
-
-def speakable_logits(head: Params, cfg: QuietStarConfig, h: jax.Array) -> jax.Array:
-    """Logits [..., V - 2] over `speakable_ids` from `speakable_head`'s parameters, float32."""
-    small = cfg.model.replace(vocab_size=cfg.model.vocab_size - THOUGHT_TOKENS)
-    return Transformer(small).apply({"params": head}, h, method="logits")
 
 
 def speakable_index(tokens: jax.Array, cfg: QuietStarConfig) -> jax.Array:
@@ -292,7 +292,7 @@ def sample(rng: jax.Array, logits_BV: jax.Array, temperature: float = 1.0,
 
 
 def choose_thought(logits: jax.Array, key: jax.Array, cfg: QuietStarConfig) -> jax.Array:
-    """The next thought token [...] as an index into `speakable_ids`, from `speakable_logits`
+    """The next thought token [...] as an index into `speakable_ids`, from logits over them
     [..., V - 2]: the argmax with `greedy_thoughts`, else a draw at `thought_temperature`."""
     if cfg.greedy_thoughts:
         return jnp.argmax(logits, -1).astype(jnp.int32)
@@ -417,13 +417,13 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     # Thought logits leave out the thought tokens' head rows; sampled tokens are indices into
     # `speakable_ids`. No gradient flows through sampling: `policy_logprobs` gives the log-probs
     # theirs after the scan.
-    think_head = jax.lax.stop_gradient(speakable_head(output_head(params, cfg), cfg))
+    think_head = jax.lax.stop_gradient(speakable_head(head_rows(params, cfg), cfg))
 
     def think_step(params, base_kv, buffer, x_RLD, floats, ints, replay):
         """Passes 1..S: feed a token, draw the next thought token from the chain head."""
         k, key, forced_RL = ints
         h_RLD, buffer = chain_pass(params, base_kv, buffer, x_RLD, k)
-        logits = speakable_logits(think_head, cfg, jax.lax.stop_gradient(h_RLD))
+        logits = head_logits(think_head, cfg, jax.lax.stop_gradient(h_RLD))
         if replay is not None:  # the backward pass: the token drawn in the forward pass
             choice_RL = replay[0]
         elif thought_tokens is not None:
@@ -465,7 +465,7 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     think_ints = (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SRL)
     buffer, x_last, (choices_SRL, logprobs_SRL, h_SRLD) = scan(
         think_step, params, base_kv_R, buffer, x0, (), think_ints)
-    logprobs_SRL = policy_logprobs(speakable_head(output_head(params, cfg), cfg), h_SRLD,
+    logprobs_SRL = policy_logprobs(speakable_head(head_rows(params, cfg), cfg), h_SRLD,
                                    choices_SRL, logprobs_SRL, cfg)
     # Pass n_ahead-2 feeds the last sampled token; only its keys are needed.
     lone = jax.checkpoint(chain_pass) if cfg.remat_passes else chain_pass
@@ -497,30 +497,30 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
 # ----------------------------------------------------------------------------- policy gradient
 
 
-def policy_logprobs(head: Params, h_SRLD: jax.Array, choices_SRL: jax.Array,
+def policy_logprobs(head_VD: jax.Array, h_SRLD: jax.Array, choices_SRL: jax.Array,
                     values_SRL: jax.Array, cfg: QuietStarConfig) -> jax.Array:
     """`values` (the thought tokens' log-probs at reinforce_temperature) with their gradient.
 
-    `head` is `speakable_head`'s and `choices` index `speakable_ids`. The gradient flows into
-    the output head and the chain states `h` [S, R, L, D] (rows rationale-major, R = P * B).
+    `head_VD` is `speakable_head`'s rows and `choices` index `speakable_ids`. The gradient flows
+    into the output head and the chain states `h` [S, R, L, D] (rows rationale-major, R = P * B).
     It is computed pass by pass on the `cfg.policy_rows` rationales of each position with the
     largest cotangents, the logits recomputed for those rows only: the REINFORCE cotangents
     (advantage-weighted) are zero on the others.
     """
     temperature, p, m = cfg.reinforce_temperature, cfg.n_passes, cfg.policy_rows
 
-    def logprob(head, h, choices):
-        return token_logprob(speakable_logits(head, cfg, h), choices, temperature)
+    def logprob(head_VD, h, choices):
+        return token_logprob(head_logits(head_VD, cfg, h), choices, temperature)
 
     @jax.custom_vjp
-    def with_gradient(head, h_SRLD, choices_SRL, values_SRL):
+    def with_gradient(head_VD, h_SRLD, choices_SRL, values_SRL):
         return values_SRL
 
-    def forward(head, h_SRLD, choices_SRL, values_SRL):
-        return values_SRL, (head, h_SRLD, choices_SRL)
+    def forward(head_VD, h_SRLD, choices_SRL, values_SRL):
+        return values_SRL, (head_VD, h_SRLD, choices_SRL)
 
     def backward(saved, ct_SRL):
-        head, h_SRLD, choices_SRL = saved
+        head_VD, h_SRLD, choices_SRL = saved
         r, length = h_SRLD.shape[1:3]
         by_rationale = lambda x: x.reshape((p, r // p) + x.shape[1:])  # noqa: E731 [P, B, L, ...]
 
@@ -530,19 +530,19 @@ def policy_logprobs(head: Params, h_SRLD: jax.Array, choices_SRL: jax.Array,
             pick_MBL = jnp.moveaxis(pick_BLM, -1, 0)
             take = lambda x: jnp.take_along_axis(  # noqa: E731
                 x, pick_MBL.reshape(pick_MBL.shape + (1,) * (x.ndim - 3)), 0)
-            _, vjp = jax.vjp(lambda hd, h: logprob(hd, h, take(choices_PBL)), head, take(h_PBLD))
+            _, vjp = jax.vjp(lambda hd, h: logprob(hd, h, take(choices_PBL)), head_VD, take(h_PBLD))
             d_head_pass, d_h_MBLD = vjp(take(ct_PBL))
             # Back to all P rationales: each picked row to its own, zero on the others.
             chosen_MPBL = pick_MBL[:, None] == jnp.arange(p)[None, :, None, None]
             d_h_PBLD = jnp.sum(jnp.where(chosen_MPBL[..., None], d_h_MBLD[:, None], 0), 0)
-            return jax.tree.map(jnp.add, d_head, d_head_pass), d_h_PBLD.reshape(r, length, -1)
+            return d_head + d_head_pass, d_h_PBLD.reshape(r, length, -1)
 
-        d_head, d_h_SRLD = jax.lax.scan(one_pass, jax.tree.map(jnp.zeros_like, head),
+        d_head, d_h_SRLD = jax.lax.scan(one_pass, jnp.zeros_like(head_VD),
                                         (h_SRLD, choices_SRL, ct_SRL))
         return d_head, d_h_SRLD.astype(h_SRLD.dtype), None, jnp.zeros_like(ct_SRL)
 
     with_gradient.defvjp(forward, backward)
-    return with_gradient(head, h_SRLD, choices_SRL, jax.lax.stop_gradient(values_SRL))
+    return with_gradient(head_VD, h_SRLD, choices_SRL, jax.lax.stop_gradient(values_SRL))
 
 
 # ----------------------------------------------------------------------------- pass scans

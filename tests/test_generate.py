@@ -187,7 +187,7 @@ def test_sampled_decoding_compiles_once_and_never_speaks_thought_tokens(model):
     # Make the thought tokens by far the likeliest output: they must still never be chosen.
     params = dict(params, decoder=dict(params["decoder"]))
     kernel = params["decoder"]["lm_head"]["kernel"]
-    params["decoder"]["lm_head"] = {"kernel": kernel.at[:, [START, END]].set(
+    params["decoder"]["lm_head"] = {"kernel": kernel.at[jnp.array([START, END])].set(
         100 * jnp.abs(kernel).max())}
     sampling = Sampling(temperature=1.0, top_p=0.95)
     tok = CharTokenizer(eos_id=-1)
