@@ -207,8 +207,8 @@ def mix(params: Params, cfg: QuietStarConfig, h_base_D: jax.Array,
 def speakable_ids(cfg: QuietStarConfig) -> np.ndarray:
     """Vocabulary ids other than the two thought tokens [V - 2], ascending: what a thought may
     contain."""
-    thought = {cfg.start_thought_id, cfg.end_thought_id}
-    return np.array([i for i in range(cfg.model.vocab_size) if i not in thought], np.int32)
+    thought = [cfg.start_thought_id, cfg.end_thought_id]
+    return np.delete(np.arange(cfg.model.vocab_size, dtype=np.int32), thought)
 
 
 def _thoughts_last(cfg: QuietStarConfig) -> bool:
