@@ -417,7 +417,8 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     # Thought logits leave out the thought tokens' head rows; sampled tokens are indices into
     # `speakable_ids`. No gradient flows through sampling: `policy_logprobs` gives the log-probs
     # theirs after the scan.
-    think_head = jax.lax.stop_gradient(speakable_head(head_rows(params, cfg), cfg))
+    speakable_VD = speakable_head(head_rows(params, cfg), cfg)
+    think_head = jax.lax.stop_gradient(speakable_VD)
 
     def think_step(params, base_kv, buffer, x_RLD, floats, ints, replay):
         """Passes 1..S: feed a token, draw the next thought token from the chain head."""
@@ -465,8 +466,7 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     think_ints = (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SRL)
     buffer, x_last, (choices_SRL, logprobs_SRL, h_SRLD) = scan(
         think_step, params, base_kv_R, buffer, x0, (), think_ints)
-    logprobs_SRL = policy_logprobs(speakable_head(head_rows(params, cfg), cfg), h_SRLD,
-                                   choices_SRL, logprobs_SRL, cfg)
+    logprobs_SRL = policy_logprobs(speakable_VD, h_SRLD, choices_SRL, logprobs_SRL, cfg)
     # Pass n_ahead-2 feeds the last sampled token; only its keys are needed.
     lone = jax.checkpoint(chain_pass) if cfg.remat_passes else chain_pass
     _, buffer = lone(params, base_kv_R, buffer, x_last, jnp.int32(cfg.n_ahead - 2))
