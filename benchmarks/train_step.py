@@ -3,6 +3,7 @@
     python benchmarks/train_step.py [--config cpu|gpu_1b] [--steps 5] [--naive_steps 3]
                                     [--naive cached|rerun] [--skip_naive] [--peak_flops F]
                                     [--no_remat_passes]
+    python benchmarks/train_step.py --against DIR [--pairs 8]
     python benchmarks/train_step.py --check
 
 A step is the loss (thoughts sampled), its gradient and the AdamW update of `qstar_jax.optim`,
@@ -11,8 +12,10 @@ jitted with parameters and optimizer state donated. Prints one JSON object: for 
 growing mask, or with `--naive rerun` the whole growing sequence re-run every pass) the compile
 time, the median step time, tokens/s (B * L / step time), XLA's memory analysis of the compiled
 step, the rise of the process's peak RSS, FLOP counts, MFU where the device's peak is known, and
-the naive step's time and memory over ours. `--check` prints how far both naive forms' losses and
-gradients are from ours on a tiny model with forced thoughts. See README.md.
+the naive step's time and memory over ours. `--against DIR` times our step built from this
+checkout and from the checkout DIR in two processes whose steps alternate, and prints the paired
+ratio. `--check` prints how far both naive forms' losses and gradients are from ours on a tiny
+model with forced thoughts. See README.md.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +44,7 @@ from qstar_jax.objective import quiet_star_loss
 from qstar_jax.thoughts import THOUGHT_TOKENS, QuietStarConfig, add_thought_params
 
 BASE_VOCAB = 32000
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +135,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure(step, params, opt_state, batch, rng, steps: int, flops: float,
-            peak_flops: float | None) -> dict:
-    """Compile ahead of time, then `steps` timed steps; figures of the compiled step."""
-    rss_before = peak_rss_bytes()
+def compile_step(step, params, opt_state, batch, rng) -> tuple[Callable, dict]:
+    """The step compiled ahead of time, with its compile time and XLA's memory and FLOP counts."""
     start = time.perf_counter()
     compiled = step.lower(params, opt_state, batch, rng).compile()
     compile_s = time.perf_counter() - start
@@ -140,10 +146,18 @@ def measure(step, params, opt_state, batch, rng, steps: int, flops: float,
     memory["peak"] = memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    return compiled, {"compile_s": round(compile_s, 2), "memory_bytes": memory,
+                      "memory_gib": round(memory["peak"] / 2 ** 30, 3),
+                      "xla_flops_loop_bodies_once": (cost or {}).get("flops")}
+
+
+def measure(step, params, opt_state, batch, rng, steps: int, flops: float,
+            peak_flops: float | None) -> dict:
+    """Compile ahead of time, then `steps` timed steps; figures of the compiled step."""
+    rss_before = peak_rss_bytes()
+    compiled, out = compile_step(step, params, opt_state, batch, rng)
+    memory = out["memory_bytes"]
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-    out = {"compile_s": round(compile_s, 2), "memory_bytes": memory,
-           "memory_gib": round(memory["peak"] / 2 ** 30, 3),
-           "xla_flops_loop_bodies_once": (cost or {}).get("flops")}
     if limit and memory["peak"] > limit:
         out["skipped"] = (f"needs {memory['peak'] / 2 ** 30:.1f} GiB, "
                           f"the device has {limit / 2 ** 30:.1f}")
@@ -171,19 +185,25 @@ def measure(step, params, opt_state, batch, rng, steps: int, flops: float,
     return out
 
 
-def benchmark(name: str, steps: int, naive_steps: int, naive: str | None,
-              peak_flops: float | None, remat_passes: bool = True) -> dict:
-    """Our step, then the naive one (`naive` a key of NAIVE, None: ours only)."""
+def prepare(name: str, remat_passes: bool):
+    """The named setup's Quiet-STaR config, parameter initialiser, optimizer and batch."""
     setup = SETUPS[name]
     cfg, init = quiet_star(setup)
     cfg = cfg.replace(remat_passes=remat_passes)
-    device = jax.devices()[0]
-    if peak_flops is None:
-        peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
     optimizer = optim.make_optimizer(optim.default_config(), train_steps=1000)
     tokens = np.random.default_rng(0).integers(1, BASE_VOCAB, (setup.batch, setup.length))
     batch = {"tokens": jnp.asarray(tokens, jnp.int32),
              "mask": jnp.ones((setup.batch, setup.length), bool)}
+    return setup, cfg, init, optimizer, batch
+
+
+def benchmark(name: str, steps: int, naive_steps: int, naive: str | None,
+              peak_flops: float | None, remat_passes: bool = True) -> dict:
+    """Our step, then the naive one (`naive` a key of NAIVE, None: ours only)."""
+    setup, cfg, init, optimizer, batch = prepare(name, remat_passes)
+    device = jax.devices()[0]
+    if peak_flops is None:
+        peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
     flops = model_flops(cfg, setup.batch, setup.length)
     result = {
         "config": name, "device": device.device_kind, "machine": platform.machine(),
@@ -213,6 +233,77 @@ def benchmark(name: str, steps: int, naive_steps: int, naive: str | None,
             result["speedup"] = round(theirs["step_s"] / ours["step_s"], 2)
         result["memory_ratio"] = round(
             theirs["memory_bytes"]["peak"] / ours["memory_bytes"]["peak"], 2)
+    return result
+
+
+def serve(name: str, remat_passes: bool) -> None:
+    """Worker of `paired`: compile our step and take one step, print its figures as a JSON line,
+    then take one timed step per line read from stdin and print its time."""
+    _, cfg, init, optimizer, batch = prepare(name, remat_passes)
+    params, rng = init(jax.random.key(0)), jax.random.key(1)
+    opt_state = optimizer.init(params)
+    compiled, figures = compile_step(make_step(quiet_star_loss, cfg, optimizer), params,
+                                     opt_state, batch, rng)
+    params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, rng))
+    figures.update(package=str(Path(optim.__file__).parent), first_loss=float(loss))
+    print(json.dumps(figures), flush=True)
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, rng))
+        print(json.dumps({"step_s": time.perf_counter() - start, "loss": float(loss)}),
+              flush=True)
+
+
+def paired(name: str, against: str, pairs: int, remat_passes: bool = True) -> dict:
+    """Our step built from this checkout and from the checkout `against`, stepped in turn.
+
+    Each side runs in its own process (`serve`, with `against` or this checkout first on
+    PYTHONPATH); the two are compiled one after the other, then take `pairs` steps each,
+    alternating, the side that goes first swapped every pair. Separate runs of the same code on
+    a shared machine differ by tens of percent; steps taken in turn see the same load, so the
+    median of the per-pair ratios resolves a change of a few percent.
+    """
+    roots = {"ours": REPO, "against": Path(against).resolve()}
+    if not (roots["against"] / "qstar_jax" / "__init__.py").is_file():
+        raise SystemExit(f"--against {against}: no qstar_jax package there; give the root of "
+                         "another checkout (e.g. made by `git worktree add DIR REV`)")
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--config", name]
+    if not remat_passes:
+        command.append("--no_remat_passes")
+    # Both processes hold the device: neither may reserve most of a GPU's memory up front.
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} | dict(os.environ)
+    workers: dict[str, subprocess.Popen] = {}
+    result: dict = {"config": name, "pairs": pairs, "device": jax.devices()[0].device_kind}
+
+    def reply(side: str) -> dict:
+        line = workers[side].stdout.readline()
+        if not line:
+            raise SystemExit(f"the {side} worker ({roots[side]}) exited with code "
+                             f"{workers[side].wait()}; its error is above")
+        return json.loads(line)
+
+    times: dict[str, list[float]] = {side: [] for side in roots}
+    try:
+        for side, root in roots.items():
+            workers[side] = subprocess.Popen(command, env=env | {"PYTHONPATH": str(root)},
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             text=True)
+            result[side] = reply(side)
+        for i in range(pairs):
+            for side in ("ours", "against") if i % 2 == 0 else ("against", "ours"):
+                workers[side].stdin.write("step\n")
+                workers[side].stdin.flush()
+                times[side].append(reply(side)["step_s"])
+    finally:
+        for proc in workers.values():
+            proc.kill()
+            proc.wait()
+    for side, t in times.items():
+        result[side].update(step_s=round(float(np.median(t)), 4),
+                            step_s_all=[round(x, 3) for x in t])
+    ratios = [a / o for a, o in zip(times["against"], times["ours"], strict=True)]
+    result["against_over_ours"] = round(float(np.median(ratios)), 3)
+    result["against_over_ours_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
     return result
 
 
@@ -267,11 +358,24 @@ def main() -> None:
     parser.add_argument("--no_remat_passes", action="store_true",
                         help="keep every chain pass's activations instead of recomputing them "
                         "in the backward pass (QuietStarConfig.remat_passes=False)")
+    parser.add_argument("--against", metavar="DIR",
+                        help="time our step from this checkout and from the checkout DIR, "
+                        "steps alternating in two processes; print the paired ratio")
+    parser.add_argument("--pairs", type=int, default=8,
+                        help="steps per side with --against (default 8)")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # --against's
     parser.add_argument("--check", action="store_true",
                         help="compare the naive losses and gradients with ours, then exit")
     args = parser.parse_args()
     if args.check:
         print(json.dumps(check(), indent=2))
+        return
+    if args.serve:
+        serve(args.config, not args.no_remat_passes)
+        return
+    if args.against:
+        print(json.dumps(paired(args.config, args.against, args.pairs,
+                                not args.no_remat_passes), indent=2))
         return
     naive = None if args.skip_naive else args.naive
     print(json.dumps(benchmark(args.config, args.steps, args.naive_steps, naive,
