@@ -245,7 +245,8 @@ def serve(name: str, remat_passes: bool) -> None:
     compiled, figures = compile_step(make_step(quiet_star_loss, cfg, optimizer), params,
                                      opt_state, batch, rng)
     params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, rng))
-    figures.update(package=str(Path(optim.__file__).parent), first_loss=float(loss))
+    figures.update(package=str(Path(optim.__file__).parent), device=jax.devices()[0].device_kind,
+                   first_loss=float(loss))
     print(json.dumps(figures), flush=True)
     for _ in sys.stdin:
         start = time.perf_counter()
@@ -270,10 +271,13 @@ def paired(name: str, against: str, pairs: int, remat_passes: bool = True) -> di
     command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--config", name]
     if not remat_passes:
         command.append("--no_remat_passes")
-    # Both processes hold the device: neither may reserve most of a GPU's memory up front.
+    if pairs < 1:
+        raise SystemExit(f"--pairs {pairs}: at least one pair is needed")
+    # Both workers hold the device (this process never touches it): neither may reserve most of
+    # a GPU's memory up front.
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} | dict(os.environ)
     workers: dict[str, subprocess.Popen] = {}
-    result: dict = {"config": name, "pairs": pairs, "device": jax.devices()[0].device_kind}
+    result: dict = {"config": name, "pairs": pairs}
 
     def reply(side: str) -> dict:
         line = workers[side].stdout.readline()
