@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: at least one step is needed")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     # Their forward logs to wandb every n_passes calls and then empties its running metrics, which
