@@ -33,9 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import transformers
-import wandb
+try:
+    import torch
+    import transformers
+    import wandb
+except ImportError as error:
+    raise SystemExit(f"{error}: run this in its own environment, set up as the docstring says "
+                     "(python benchmarks/authors_step.py --help)") from None
 
 BASE_VOCAB = 32000
 THOUGHT_TOKENS = ("<|startthought|>", "<|endthought|>")
@@ -57,7 +61,12 @@ def load_authors_modules(directory: Path):
         spec = importlib.util.spec_from_file_location(full, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[full] = sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as error:
+            raise SystemExit(f"{path} does not import with transformers "
+                             f"{transformers.__version__} ({error}); it needs transformers 4.37 "
+                             "and the packages the docstring lists") from None
         modules.append(module)
     return modules
 

@@ -245,7 +245,9 @@ def serve(name: str, remat_passes: bool) -> None:
     compiled, figures = compile_step(make_step(quiet_star_loss, cfg, optimizer), params,
                                      opt_state, batch, rng)
     params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, rng))
-    figures.update(package=str(Path(optim.__file__).parent), device=jax.devices()[0].device_kind,
+    packages = {str(Path(module.__file__).resolve().parent) for name, module in sys.modules.items()
+                if name.split(".")[0] == "qstar_jax"}
+    figures.update(packages=sorted(packages), device=jax.devices()[0].device_kind,
                    first_loss=float(loss))
     print(json.dumps(figures), flush=True)
     for _ in sys.stdin:
@@ -261,18 +263,19 @@ def paired(name: str, against: str, pairs: int, remat_passes: bool = True) -> di
     Each side runs in its own process (`serve`, with `against` or this checkout first on
     PYTHONPATH); the two are compiled one after the other, then take `pairs` steps each,
     alternating, the side that goes first swapped every pair. Separate runs of the same code on
-    a shared machine differ by tens of percent; steps taken in turn see the same load, so the
-    median of the per-pair ratios resolves a change of a few percent.
+    a shared machine differ by tens of percent; steps taken in turn see the same load, and the
+    median of the per-pair ratios narrows with the number of pairs (two copies of one revision:
+    0.92-1.02 over 2-3 pairs).
     """
     roots = {"ours": REPO, "against": Path(against).resolve()}
     if not (roots["against"] / "qstar_jax" / "__init__.py").is_file():
         raise SystemExit(f"--against {against}: no qstar_jax package there; give the root of "
                          "another checkout (e.g. made by `git worktree add DIR REV`)")
+    if pairs < 1:
+        raise SystemExit(f"--pairs {pairs}: at least one pair is needed")
     command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--config", name]
     if not remat_passes:
         command.append("--no_remat_passes")
-    if pairs < 1:
-        raise SystemExit(f"--pairs {pairs}: at least one pair is needed")
     # Both workers hold the device (this process never touches it): neither may reserve most of
     # a GPU's memory up front.
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} | dict(os.environ)
@@ -293,6 +296,11 @@ def paired(name: str, against: str, pairs: int, remat_passes: bool = True) -> di
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                              text=True)
             result[side] = reply(side)
+            # A module missing from DIR is found by the installed package instead, silently.
+            if result[side]["packages"] != [str(root / "qstar_jax")]:
+                raise SystemExit(f"the {side} worker imported qstar_jax from "
+                                 f"{result[side]['packages']}, not only from {root}: is it a "
+                                 "whole checkout?")
         for i in range(pairs):
             for side in ("ours", "against") if i % 2 == 0 else ("against", "ours"):
                 workers[side].stdin.write("step\n")
