@@ -132,7 +132,8 @@ def products_program(counts: Counter, with_products: bool):
                 nudge = (1 + acc * 1e-30).astype(a.dtype)
                 a, b = (a * nudge, b) if a.size <= b.size else (a, b * nudge)
                 if not with_products:
-                    return acc + 1e-30 * (jnp.sum(a) + jnp.sum(b)).astype(jnp.float32)
+                    scaled = a if a.size <= b.size else b
+                    return acc + 1e-30 * jnp.sum(scaled).astype(jnp.float32)
                 out = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
                 return acc + 1e-30 * out.reshape(-1)[0]
 
