@@ -17,6 +17,7 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -116,7 +117,7 @@ def product_flops(product: Product) -> int:
         d for i, d in enumerate(rhs) if i not in rhs_contract + rhs_batch)
 
 
-def products_program(counts: Counter, with_products: bool):
+def products_program(counts: Counter, with_products: bool) -> Callable[[list], jax.Array]:
     """jit(f(operands) -> scalar): each product run its count of times in a fori_loop.
 
     The smaller operand is scaled by a loop-carried scalar so that no product is hoisted out of
