@@ -18,16 +18,29 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from train_step import compile_step, make_step, prepare  # benchmarks/ is on the path
+from train_step import compiled_ours  # benchmarks/ is on the path
 
-from qstar_jax.objective import quiet_star_loss
 
-# A product: (lhs shape, rhs shape, element type, lhs/rhs contracting dims, lhs/rhs batch dims).
-Product = tuple[tuple[int, ...], tuple[int, ...], str, tuple, tuple, tuple, tuple]
+class Product(NamedTuple):
+    """One dot: operand shapes, element type and dimension numbers."""
+
+    lhs: tuple[int, ...]
+    rhs: tuple[int, ...]
+    dtype: str  # HLO's name: f32, bf16, ...
+    lhs_contract: tuple[int, ...]
+    rhs_contract: tuple[int, ...]
+    lhs_batch: tuple[int, ...]
+    rhs_batch: tuple[int, ...]
+
+    @property
+    def dimension_numbers(self) -> tuple:
+        return (self.lhs_contract, self.rhs_contract), (self.lhs_batch, self.rhs_batch)
+
 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = ")
 _DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}
@@ -92,9 +105,9 @@ def executed_products(hlo: str) -> Counter:
             if opcode == "dot":
                 lhs, rhs = re.findall(r"%([\w.\-]+)", rest.split(")")[0])[:2]
                 (dtype, lhs_shape), (_, rhs_shape) = shapes[lhs], shapes[rhs]
-                counts[(lhs_shape, rhs_shape, dtype, _dims(line, "lhs_contracting_dims"),
-                        _dims(line, "rhs_contracting_dims"), _dims(line, "lhs_batch_dims"),
-                        _dims(line, "rhs_batch_dims"))] += times
+                counts[Product(lhs_shape, rhs_shape, dtype, _dims(line, "lhs_contracting_dims"),
+                               _dims(line, "rhs_contracting_dims"), _dims(line, "lhs_batch_dims"),
+                               _dims(line, "rhs_batch_dims"))] += times
             elif opcode == "conditional":
                 raise ValueError(f"conditional {target}: its branches are not counted")
             elif opcode == "while":
@@ -112,9 +125,9 @@ def executed_products(hlo: str) -> Counter:
 
 def product_flops(product: Product) -> int:
     """2 x (batch x lhs free x contracted) x rhs free."""
-    lhs, rhs, _, _, rhs_contract, _, rhs_batch = product
-    return 2 * math.prod(lhs) * math.prod(
-        d for i, d in enumerate(rhs) if i not in rhs_contract + rhs_batch)
+    return 2 * math.prod(product.lhs) * math.prod(
+        d for i, d in enumerate(product.rhs)
+        if i not in product.rhs_contract + product.rhs_batch)
 
 
 def products_program(counts: Counter, with_products: bool) -> Callable[[list], jax.Array]:
@@ -127,13 +140,14 @@ def products_program(counts: Counter, with_products: bool) -> Callable[[list], j
     def run(operands):
         acc = jnp.zeros((), jnp.float32)
         for product, (a, b) in zip(products, operands, strict=True):
-            dims = ((product[3], product[4]), (product[5], product[6]))
 
-            def body(_, acc, a=a, b=b, dims=dims):
+            def body(_, acc, a=a, b=b, dims=product.dimension_numbers):
                 nudge = (1 + acc * 1e-30).astype(a.dtype)
-                a, b = (a * nudge, b) if a.size <= b.size else (a, b * nudge)
+                if a.size <= b.size:
+                    a = scaled = a * nudge
+                else:
+                    b = scaled = b * nudge
                 if not with_products:
-                    scaled = a if a.size <= b.size else b
                     return acc + 1e-30 * jnp.sum(scaled).astype(jnp.float32)
                 out = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
                 return acc + 1e-30 * out.reshape(-1)[0]
@@ -154,15 +168,11 @@ def main() -> None:
         parser.error(f"reads the CPU backend's dots; this backend is {jax.default_backend()} "
                      "(other backends rewrite products into library calls)")
 
-    _, cfg, init, optimizer, batch = prepare("cpu", remat_passes=True)
-    params, rng = init(jax.random.key(0)), jax.random.key(1)
-    opt_state = optimizer.init(params)
-    compiled, _ = compile_step(make_step(quiet_star_loss, cfg, optimizer), params, opt_state,
-                               batch, rng)
+    compiled, _, (params, opt_state, batch, rng) = compiled_ours("cpu", remat_passes=True)
     counts = executed_products(compiled.as_text())
     keys = iter(jax.random.split(jax.random.key(2), 2 * len(counts)))
-    operands = [tuple(jax.random.normal(next(keys), shape, _DTYPES[p[2]]) for shape in p[:2])
-                for p in counts]
+    operands = [tuple(jax.random.normal(next(keys), shape, _DTYPES[p.dtype])
+                      for shape in (p.lhs, p.rhs)) for p in counts]
     timed = {"products": products_program(counts, True), "control": products_program(counts, False)}
 
     def step():

@@ -236,14 +236,21 @@ def benchmark(name: str, steps: int, naive_steps: int, naive: str | None,
     return result
 
 
-def serve(name: str, remat_passes: bool) -> None:
-    """Worker of `paired`: compile our step and take one step, print its figures as a JSON line,
-    then take one timed step per line read from stdin and print its time."""
+def compiled_ours(name: str, remat_passes: bool) -> tuple[Callable, dict, tuple]:
+    """Our step for the named setup, compiled, with `compile_step`'s figures and the arguments
+    of a first call: (params, opt_state, batch, rng), the state initialised."""
     _, cfg, init, optimizer, batch = prepare(name, remat_passes)
     params, rng = init(jax.random.key(0)), jax.random.key(1)
     opt_state = optimizer.init(params)
     compiled, figures = compile_step(make_step(quiet_star_loss, cfg, optimizer), params,
                                      opt_state, batch, rng)
+    return compiled, figures, (params, opt_state, batch, rng)
+
+
+def serve(name: str, remat_passes: bool) -> None:
+    """Worker of `paired`: compile our step and take one step, print its figures as a JSON line,
+    then take one timed step per line read from stdin and print its time."""
+    compiled, figures, (params, opt_state, batch, rng) = compiled_ours(name, remat_passes)
     params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, rng))
     packages = {str(Path(module.__file__).resolve().parent) for name, module in sys.modules.items()
                 if name.split(".")[0] == "qstar_jax"}

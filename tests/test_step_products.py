@@ -46,9 +46,9 @@ def test_products_counted_through_nested_loops():
     hlo = jax.jit(f).lower(*args).compile().as_text()
     counts = {}
     for product, n in bench.executed_products(hlo).items():
-        key = (product[0], product[1])
+        key = (product.lhs, product.rhs)
         counts[key] = counts.get(key, 0) + n
     assert counts == {((8, 16), (12, 16)): 1, ((8, 12), (12, 16)): 5, ((8, 16), (16, 16)): 15}
-    by_shape = {(p[0], p[1]): p for p in bench.executed_products(hlo)}
+    by_shape = {(p.lhs, p.rhs): p for p in bench.executed_products(hlo)}
     # 2 * 8 * 16 * 12: [8, 16] contracted with [12, 16] over the 16.
     assert bench.product_flops(by_shape[((8, 16), (12, 16))]) == 3072
