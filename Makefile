@@ -17,7 +17,7 @@ $(STAMP): setup.py constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/python -m qstar_jax.train --config=configs/demo.py --workdir=$(WORKDIR)
+	$(BIN)/python -m qstar_jax.experiment --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: setup
 	$(BIN)/ruff check qstar_jax configs tests benchmarks

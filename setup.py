@@ -23,10 +23,12 @@ setup(
         "gguf>=0.19.0",
         "tensorboardX>=2.6",
         "pyarrow>=17",
+        "matplotlib>=3.11",  # the experiment's report
     ],
     extras_require={
         "test": [
             "pytest>=8",
+            "pillow>=11",  # decodes the report's images (matplotlib brings it)
             "torch==2.13.0",
             "transformers>=5.23.0",
             "accelerate>=1.10",  # transformers' GGUF loading, the tests' reference

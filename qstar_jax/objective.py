@@ -63,7 +63,8 @@ def quiet_star_loss(params: Params, batch: dict, rng: jax.Array, cfg: QuietStarC
         loss = cfg.base_loss_beta * loss_base
         zero = jnp.zeros(())
         metrics.update(loss=loss, nll=loss, policy_loss=zero, reward_mean=zero,
-                       advantage_mean=zero, mixing_weight_mean=zero)
+                       advantage_mean=zero, advantage_positive=zero, mixing_weight_mean=zero,
+                       thought_entropy=zero)
         return loss, metrics
 
     t_talk = cfg.n_ahead_talk
@@ -82,7 +83,9 @@ def quiet_star_loss(params: Params, batch: dict, rng: jax.Array, cfg: QuietStarC
     metrics.update(
         loss=loss, nll=nll, loss_talk=jnp.mean(loss_talk_T), policy_loss=policy_loss,
         reward_mean=jnp.mean(reward_BPJ), advantage_mean=jnp.mean(advantage_BPJ),
+        advantage_positive=jnp.mean(advantage_BPJ > 0),  # share of thoughts reinforced
         mixing_weight_mean=jnp.mean(ro.mixing_weights),
+        thought_entropy=jnp.mean(ro.thought_entropy) if cfg.n_sampled else jnp.zeros(()),
         **{f"loss_talk_{t}": loss_talk_T[t] for t in range(t_talk)},
     )
     return loss, metrics

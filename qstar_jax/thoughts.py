@@ -299,6 +299,15 @@ def choose_thought(logits: jax.Array, key: jax.Array, cfg: QuietStarConfig) -> j
     return sample(key, logits, cfg.thought_temperature)
 
 
+def entropy(logits_V: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """Entropy in nats [...] of softmax(logits [..., V] / temperature), float32, no gradient."""
+    z = jax.lax.stop_gradient(logits_V).astype(jnp.float32) / temperature
+    z = z - jnp.max(z, -1, keepdims=True)
+    e = jnp.exp(z)
+    total = jnp.sum(e, -1)
+    return jnp.log(total) - jnp.sum(e * z, -1) / total
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def token_logprob(logits_V: jax.Array, token: jax.Array, temperature: float = 1.0) -> jax.Array:
     """log softmax(logits / temperature)[token], float32.
@@ -348,6 +357,9 @@ class Rollout:
     thought_logprobs: jax.Array
     talk_logprobs: jax.Array  # [B, P, T, L] log p_mix(x[j + 1 + t]) (0 past the end)
     mixing_weights: jax.Array  # [B, P, T, L]
+    # [B, P, L, S] entropy (nats) of the distribution each thought token was drawn from, at
+    # thought_temperature: near 0 when thoughts collapse onto fixed tokens
+    thought_entropy: jax.Array
     talk_logits: jax.Array | None = None  # [B, P, T, L, V], when asked
 
 
@@ -385,12 +397,11 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
                              base_ctx)
     base_logits = lm_logits(params, cfg, h_base)
     s, t_talk = cfg.n_sampled, cfg.n_ahead_talk
-    empty = Rollout(base_logits, h_base, jnp.zeros((b, cfg.n_passes, length, s), jnp.int32),
-                    jnp.zeros((b, cfg.n_passes, length, s)),
-                    jnp.zeros((b, cfg.n_passes, 0, length)),
-                    jnp.zeros((b, cfg.n_passes, 0, length)))
     if not cfg.thinks:
-        return empty
+        no_thoughts = jnp.zeros((b, cfg.n_passes, length, 0))
+        no_talk = jnp.zeros((b, cfg.n_passes, 0, length))
+        return Rollout(base_logits, h_base, no_thoughts.astype(jnp.int32), no_thoughts, no_talk,
+                       no_talk, no_thoughts)
 
     # The rationales run side by side as R = P * B rows (rationale-major); every row of a
     # rationale reads the same base keys.
@@ -434,7 +445,7 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         choice_RL = jax.lax.stop_gradient(choice_RL)
         logprob = token_logprob(logits, choice_RL, cfg.reinforce_temperature)
         x_next = embed_tokens(params, cfg, speakable_token(choice_RL, cfg))
-        return buffer, x_next, (choice_RL, logprob, h_RLD)
+        return buffer, x_next, (choice_RL, logprob, h_RLD, entropy(logits, cfg.thought_temperature))
 
     def talk_step(params, base_kv, buffer, carry, floats, ints, replay):
         """Passes n_ahead-1 ..: end token then true tokens; the state mixed with the base state.
@@ -464,7 +475,7 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     buffer = KeyValues(jnp.zeros(kv_shape, base_kv.k.dtype), jnp.zeros(kv_shape, base_kv.v.dtype))
     x0 = jnp.broadcast_to(start_D, h_base_RLD.shape)
     think_ints = (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SRL)
-    buffer, x_last, (choices_SRL, logprobs_SRL, h_SRLD) = scan(
+    buffer, x_last, (choices_SRL, logprobs_SRL, h_SRLD, entropy_SRL) = scan(
         think_step, params, base_kv_R, buffer, x0, (), think_ints)
     logprobs_SRL = policy_logprobs(speakable_VD, h_SRLD, choices_SRL, logprobs_SRL, cfg)
     # Pass n_ahead-2 feeds the last sampled token; only its keys are needed.
@@ -503,6 +514,7 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         thought_logprobs=last_s(logprobs_SRL),
         talk_logprobs=split(talk_logprobs_TRL),
         mixing_weights=split(w_TRL),
+        thought_entropy=last_s(entropy_SRL),
         talk_logits=split(talk_logits_TRLV) if return_talk_logits else None,
     )
 

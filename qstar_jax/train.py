@@ -15,7 +15,6 @@ prints its memory per device against the HBM; exit status 1 if it does not fit.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import sys
@@ -35,17 +34,17 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from qstar_jax import checkpoint, data, optim, sharding
+from qstar_jax import checkpoint, data, heldout, optim, sharding
 from qstar_jax import config as config_lib
 from qstar_jax.objective import quiet_star_loss
-from qstar_jax.thoughts import check_batch, rollout, token_logprob
+from qstar_jax.scoring import TokenLosses, token_losses
+from qstar_jax.thoughts import check_batch
 from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
 
 State = dict  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
 METRICS_FILE = "metrics.jsonl"
+THOUGHTS_FILE = "thoughts.jsonl"  # {"step", "thoughts": [decoded samples]} per evaluation
 SAMPLE_THOUGHTS = 3  # decoded thoughts logged at each evaluation
-HARD_QUANTILE = 0.9  # "hard" held-out tokens: the top decile of base-model loss
-HARD_TOKENS_FILE = "eval_hard_tokens.npy"  # which held-out tokens are "hard", fixed at first eval
 
 
 class NonFiniteLoss(RuntimeError):
@@ -61,8 +60,7 @@ class Trainer:
 
     train_step(state, batch) -> (state, metrics): one optimizer update from `grad_accum_steps`
     micro-batches {"tokens", "mask"} [A, B, L]; the state is donated.
-    eval_step(params, batch, rng) -> per-token base and thinking losses, validity [B, L-1] and
-    the sampled thoughts [B, L, S] of a held-out batch [B, L] (one rationale, one talk token).
+    eval_step(params, batch, rng) -> scoring.TokenLosses of a held-out batch [B, L].
     lower_train_step(batch) -> train_step lowered for `abstract_state` and a batch of
     ShapeDtypeStructs (ahead-of-time compilation, e.g. for devices that are not attached).
     """
@@ -72,7 +70,7 @@ class Trainer:
     abstract_state: State  # ShapeDtypeStructs carrying their shardings
     init_state: Callable[[int], State]
     train_step: Callable[[State, dict], tuple[State, dict]]
-    eval_step: Callable[[dict, dict, jax.Array], tuple[jax.Array, ...]]
+    eval_step: Callable[[dict, dict, jax.Array], TokenLosses]
     lower_train_step: Callable[[dict], jax.stages.Lowered]
 
 
@@ -130,15 +128,8 @@ def build(config: ml_collections.ConfigDict, model: config_lib.Model, mesh: Mesh
                      "rng": rng}
         return new_state, jax.tree.map(jnp.mean, metrics)
 
-    eval_cfg = cfg.replace(n_ahead_talk=1, n_passes=1)
-
     def eval_step(params, batch, rng):
-        tokens_BL, mask_BL = batch["tokens"], batch["mask"]
-        ro = rollout(params, tokens_BL, mask_BL, rng, eval_cfg)
-        targets, valid = tokens_BL[:, 1:], mask_BL[:, 1:]
-        ce_base = -token_logprob(ro.base_logits[:, :-1], targets)
-        ce_think = -ro.talk_logprobs[:, 0, 0, :-1]  # mixed logits after the thought at j
-        return ce_base, ce_think, valid, ro.thought_tokens[:, 0]
+        return token_losses(params, batch["tokens"], batch["mask"], rng, cfg)
 
     micro_batches = sharding.batch_sharding(mesh, 1)  # [A, B, L]
     train_jit = jax.jit(train_step, in_shardings=(state_shardings, micro_batches),
@@ -221,10 +212,13 @@ def _duration(seconds: float) -> str:
 
 
 def _progress(step: int, total: int, m: dict) -> str:
+    """The progress line; with thoughts, the loss is split into its NLL and policy term (times
+    its weight), so that a growing policy term does not read as a diverging model."""
     talk = " ".join(f"{m[k]:.3f}" for k in sorted(m) if k.startswith("loss_talk_"))
-    return (f"step {step}/{total}  loss {m['loss']:.4f}  base {m['loss_base']:.4f}  "
-            f"talk [{talk}]  policy {m['policy_loss']:.3g}  reward {m['reward_mean']:.4f}  "
-            f"w {m['mixing_weight_mean']:.3g}  |g| {m['grad_norm']:.3g}  "
+    thinking = (f"(nll {m['nll']:.4f} + policy {m['loss'] - m['nll']:.3g})  "
+                f"base {m['loss_base']:.4f}  talk [{talk}]  reward {m['reward_mean']:.4f}  "
+                f"w {m['mixing_weight_mean']:.3g}  ") if talk else ""
+    return (f"step {step}/{total}  loss {m['loss']:.4f}  {thinking}|g| {m['grad_norm']:.3g}  "
             f"lr {m['learning_rate']:.3g}  {m['tokens_per_s']:.0f} tok/s  "
             f"{m['step_time_s']:.2f} s/step  "
             f"ETA {_duration(m['step_time_s'] * (total - step))}")
@@ -233,52 +227,57 @@ def _progress(step: int, total: int, m: dict) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
+@dataclasses.dataclass
+class Evaluation:
+    """One held-out evaluation: logged metrics, decoded thoughts, per-token losses of the valid
+    tokens in a fixed order (`base` [n]; `talk` [T, n], NaN where an offset has no target)."""
+
+    metrics: dict
+    samples: list[str]
+    base: np.ndarray
+    talk: np.ndarray
+
+
 def evaluate(trainer: Trainer, params, batches: list[dict], seed: int,
-             hard: np.ndarray | None = None) -> tuple[dict, list[str], np.ndarray]:
-    """Held-out base loss and loss with thinking, overall and on the `hard` tokens (bool, one
-    per valid held-out token; None: this evaluation's hardest decile for the base model), a few
-    decoded thoughts from the first row, and the hard tokens used. Thoughts use a fixed key."""
+             start_loss: np.ndarray | None = None) -> Evaluation:
+    """Held-out losses of the base pass and with thinking, overall and on the hardest decile of
+    the starting model (`start_loss`, per valid token; None: this evaluation is the start), the
+    talk loss per offset, and a few decoded thoughts from the first row. Thoughts use a fixed
+    key."""
     rng = jax.device_put(jax.random.PRNGKey(seed + 1),
                          jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec()))
     parts = []
     for local in batches:
         out = trainer.eval_step(params, sharding.global_batch(local, trainer.mesh), rng)
-        parts.append([np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in out])
-    base, think, valid = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    base, think = base[valid], think[valid]
-    if hard is None or hard.shape != base.shape:
-        if hard is not None:
-            logging.warning("the held-out set changed (%d tokens, %d before): hardest decile "
-                            "chosen again", base.size, hard.size)
-        hard = base >= np.quantile(base, HARD_QUANTILE)
-    metrics = {"eval/loss_base": float(base.mean()), "eval/loss_think": float(think.mean()),
+        parts.append(jax.tree.map(
+            lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out))
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    valid_BTL, talk_BTL = cat("valid"), cat("talk")
+    valid_BL = valid_BTL[:, 0]
+    base = cat("base")[valid_BL]
+    talk = np.where(valid_BTL, talk_BTL, np.nan).transpose(1, 0, 2)[:, valid_BL]  # [T, n]
+    start = base if start_loss is None else start_loss
+    if start.shape != base.shape:
+        raise ValueError(f"the starting model's losses cover {start.size} held-out tokens, this "
+                         f"evaluation {base.size}: the held-out rows changed; delete the "
+                         f"workdir's {heldout.DIRECTORY}/ to choose them again")
+    hard = heldout.deciles(start) == heldout.N_DECILES - 1
+    metrics = {"eval/loss_base": float(base.mean()), "eval/loss_think": float(talk[0].mean()),
                "eval/loss_base_hard": float(base[hard].mean()),
-               "eval/loss_think_hard": float(think[hard].mean()), "eval/tokens": int(valid.sum())}
+               "eval/loss_think_hard": float(talk[0][hard].mean()), "eval/tokens": int(base.size)}
+    if trainer.model.cfg.thinks:
+        metrics.update({f"eval/loss_talk_{t}": float(np.nanmean(talk[t]))
+                        for t in range(talk.shape[0])})
     # Global row 0 is process 0's first row, and process 0 is the one that logs.
-    samples = _thought_samples(trainer, batches[0]["tokens"][0], parts[0][2][0], parts[0][3][0])
-    return metrics, samples, hard
-
-
-def read_hard_tokens(path: epath.Path) -> np.ndarray | None:
-    """The hard-token mask a run saved at its first evaluation; None if there is none, or (with
-    a warning naming the file) if it is unreadable, so that the next evaluation chooses again."""
-    if not path.exists():
-        return None
-    try:
-        hard = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        logging.warning("%s is unreadable (%s): the hardest decile is chosen again", path, e)
-        return None
-    if hard.dtype != bool or hard.ndim != 1:
-        logging.warning("%s holds %s %s, not a 1-D bool mask: the hardest decile is chosen "
-                        "again", path, hard.dtype, hard.shape)
-        return None
-    return hard
+    samples = _thought_samples(trainer, batches[0]["tokens"][0], parts[0].valid[0, 0],
+                               parts[0].thoughts[0]) if trainer.model.cfg.thinks else []
+    return Evaluation(metrics, samples, base, talk)
 
 
 def _thought_samples(trainer: Trainer, tokens_L: np.ndarray, valid_L: np.ndarray,
                      thoughts_LS: np.ndarray) -> list[str]:
-    """'<context> <|startthought|>thought<|endthought|> -> next' at a few positions of a row."""
+    """'<context> <|startthought|>thought<|endthought|> -> next' at a few positions of a row
+    (`valid_L`: where the next token is real)."""
     tok = trainer.model.tokenizer
     positions = np.flatnonzero(valid_L)
     if not positions.size:
@@ -309,6 +308,17 @@ def _batches(data_iter: Iterator[dict], trainer: Trainer, accum: int) -> dict:
     return sharding.global_batch(stacked, trainer.mesh, batch_axis=1)
 
 
+def _global_rows(local: list[dict]) -> dict[str, np.ndarray]:
+    """Every host's rows of the batches, stacked [N, B, L] in global row order."""
+    rows = {}
+    for k in ("tokens", "mask"):
+        by_row = np.stack([b[k] for b in local]).swapaxes(0, 1)  # [B_local, N, L]
+        if jax.process_count() > 1:
+            by_row = np.asarray(multihost_utils.process_allgather(by_row, tiled=True))
+        rows[k] = by_row.swapaxes(0, 1)
+    return rows
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Train per `config` in `workdir` (resuming if it holds checkpoints); returns the logged
     records of process 0 (metrics.jsonl)."""
@@ -330,51 +340,70 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     data_kwargs = dict(seq_len=config.seq_len, global_batch=config.batch_size,
                        process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = data.make_dataset(config.data, model.tokenizer, seed=config.seed, **data_kwargs)
-    heldout = data.heldout_batches(config.data, model.tokenizer, num_batches=config.eval_batches,
-                                   **data_kwargs)
+    rows = heldout.read_rows(workdir)
+    if rows is None:  # the first run in this workdir fixes the held-out rows
+        rows = _global_rows(data.heldout_batches(
+            config.data, model.tokenizer, num_batches=config.eval_batches, **data_kwargs))
+        if jax.process_index() == 0:
+            heldout.write_rows(workdir, rows)
+    heldout_rows = heldout.host_rows(rows, jax.process_index(), jax.process_count())
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint_keep)
     try:
-        return _loop(config, workdir, trainer, ckpts, data_iter, heldout)
+        return _loop(config, workdir, trainer, ckpts, data_iter, heldout_rows)
     finally:
         ckpts.close()
 
 
 def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter,
-          heldout) -> list[dict]:
+          heldout_rows: list[dict]) -> list[dict]:
     state = ckpts.restore(trainer.abstract_state, data_iter)
     fresh = state is None
     if fresh:
         state = trainer.init_state(config.seed)
     step = int(state["step"])
-    _say("starting at step %d of %d%s", step, config.train_steps,
-         "" if fresh else f" (resumed from {workdir})")
+    if step >= config.train_steps:
+        _say("the run in %s is already complete at step %d: nothing to train. Train it further "
+             "with --config.train_steps=N (N > %d), or afresh in a new --workdir.", workdir, step,
+             step)
+    else:
+        _say("starting at step %d of %d%s", step, config.train_steps,
+             "" if fresh else f" (resumed from {workdir})")
     log = MetricsLog(workdir, step)
     lr_fn = optim.learning_rate_fn(config.optim, config.train_steps)
     tokens_per_step = config.optim.grad_accum_steps * config.batch_size * config.seq_len
     saved = step if not fresh else None
-    hard_path = epath.Path(workdir) / HARD_TOKENS_FILE
-    hard = read_hard_tokens(hard_path)
+    start_loss = heldout.read_start_loss(workdir)
 
     def run_eval(at: int, params) -> None:
-        nonlocal hard
-        start = time.perf_counter()
-        metrics, samples, chosen = evaluate(trainer, params, heldout, config.seed, hard)
-        if chosen is not hard:  # the first evaluation: later ones score the same tokens
-            hard = chosen
-            if jax.process_index() == 0:
-                buffer = io.BytesIO()
-                np.save(buffer, hard)
-                hard_path.write_bytes(buffer.getvalue())
+        nonlocal start_loss
+        began = time.perf_counter()
+        result = evaluate(trainer, params, heldout_rows, config.seed, start_loss)
+        main_process = jax.process_index() == 0
+        if start_loss is None:  # the first evaluation: its base losses define the difficulty
+            start_loss = result.base
+            if main_process:
+                heldout.write_start_loss(workdir, start_loss)
+        if main_process:
+            heldout.write_losses(workdir, at, result.base, result.talk)
+            with (epath.Path(workdir) / THOUGHTS_FILE).open("a") as f:
+                f.write(json.dumps({"step": at, "thoughts": result.samples}) + "\n")
+        metrics = result.metrics
         log.write(at, metrics)
-        _say("eval at step %d (%.1f s): base %.4f  thinking %.4f  hardest decile: base %.4f  "
-             "thinking %.4f", at, time.perf_counter() - start, metrics["eval/loss_base"],
-             metrics["eval/loss_think"], metrics["eval/loss_base_hard"],
-             metrics["eval/loss_think_hard"])
-        for sample in samples:
+        took = time.perf_counter() - began
+        if trainer.model.cfg.thinks:
+            _say("eval at step %d (%.1f s): base %.4f  thinking %.4f  hardest decile: base %.4f  "
+                 "thinking %.4f", at, took, metrics["eval/loss_base"],
+                 metrics["eval/loss_think"], metrics["eval/loss_base_hard"],
+                 metrics["eval/loss_think_hard"])
+        else:
+            _say("eval at step %d (%.1f s): loss %.4f  hardest decile %.4f", at, took,
+                 metrics["eval/loss_base"], metrics["eval/loss_base_hard"])
+        for sample in result.samples:
             _say("thought: %s", sample)
-        log.text(at, "thoughts", "\n\n".join(samples))
+        log.text(at, "thoughts", "\n\n".join(result.samples))
 
     if fresh:
+        (epath.Path(workdir) / THOUGHTS_FILE).unlink(missing_ok=True)  # from a run that crashed
         run_eval(0, state["params"])
     window: list[float] = []  # seconds per step since the last log
     compiled = False
@@ -415,21 +444,22 @@ def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data
     ckpts.wait()
     records = log.records if log.enabled else []
     log.close()
-    _summary(records)
+    _summary(records, trainer.model.cfg.thinks)
     return records
 
 
-def _summary(records: list[dict]) -> None:
+def _summary(records: list[dict], thinks: bool) -> None:
     """Held-out losses at the first and the last evaluation ("hardest decile": the tenth of the
-    held-out tokens the base model found hardest at the run's first evaluation)."""
+    held-out tokens the starting model found hardest)."""
     evals = [r for r in records if "eval/loss_base" in r]
     if len(evals) < 2:
         return
     first, last = evals[0], evals[-1]
     print(f"held-out loss (nats/token), step {first['step']} -> step {last['step']}:")
-    for name, key in (("base", "eval/loss_base"), ("with thinking", "eval/loss_think"),
-                      ("hardest decile, base", "eval/loss_base_hard"),
-                      ("hardest decile, with thinking", "eval/loss_think_hard")):
+    rows = (("base", "eval/loss_base"), ("with thinking", "eval/loss_think"),
+            ("hardest decile, base", "eval/loss_base_hard"),
+            ("hardest decile, with thinking", "eval/loss_think_hard"))
+    for name, key in rows if thinks else rows[::2]:
         print(f"  {name + ':':31s}{first[key]:.4f} -> {last[key]:.4f}")
 
 
@@ -551,16 +581,20 @@ def compile_only(config: ml_collections.ConfigDict, accelerator: str,
 
 # ----------------------------------------------------------------------------- command line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints and logs; reused to resume")
-_COMPILE_ONLY = flags.DEFINE_string(
-    "compile_only", None, "do not train: compile the train step for this accelerator (a TPU v4 "
-    "slice such as v4-64, a TPU topology such as v4:2x4x4, or cpu) on this machine, print its "
-    "per-device memory against the HBM as JSON, exit 1 if it does not fit (TPUs need libtpu)")
+def define_flags() -> None:
+    """The command line's flags (defined when this module runs as the program)."""
+    config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "checkpoints and logs; reused to resume")
+    flags.DEFINE_string(
+        "compile_only", None, "do not train: compile the train step for this accelerator (a TPU "
+        "v4 slice such as v4-64, a TPU topology such as v4:2x4x4, or cpu) on this machine, print "
+        "its per-device memory against the HBM as JSON, exit 1 if it does not fit (TPUs need "
+        "libtpu)")
 
 
-def _fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> None:
+    """Print a one-line error and exit with `code`."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -571,38 +605,41 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     except (AttributeError, KeyError) as e:
         key = str(e).strip("\"'")
         named = [a.split("=", 1)[0] for a in argv
                  if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
-        _fail(f"unknown config key {named[0] if named else key!r}", 2)
+        fail(f"unknown config key {named[0] if named else key!r}", 2)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None:
+    config, workdir, accelerator = (flags.FLAGS[k].value
+                                    for k in ("config", "workdir", "compile_only"))
+    if config is None:
         raise app.UsageError("--config is required")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and jax log every detail at INFO
-    if _COMPILE_ONLY.value:
+    if accelerator:
         try:
-            report = compile_only(_CONFIG.value, _COMPILE_ONLY.value)
+            report = compile_only(config, accelerator)
         except DoesNotFit as e:
             print(json.dumps(e.report), flush=True)
-            _fail(str(e))
+            fail(str(e))
         except (ValueError, FileNotFoundError) as e:
-            _fail(str(e))
+            fail(str(e))
         print(json.dumps(report), flush=True)
         return
-    if not _WORKDIR.value:
+    if not workdir:
         raise app.UsageError("--workdir is required (except with --compile_only)")
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        run(config, workdir)
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -122,12 +122,25 @@ def test_run_logs_metrics_tensorboard_and_checkpoints(reference):
     assert "<|startthought|>" in stdout  # sample thoughts
     assert "held-out loss (nats/token), step 0 -> step 8:" in stdout
     assert "  with thinking:" in stdout
-    # The hard tokens are the base model's hardest decile at step 0, and stay those tokens.
-    hard = np.load(reference / "eval_hard_tokens.npy")
+    # The starting model's per-token losses define the deciles; each evaluation's are kept.
+    start = np.load(reference / "heldout" / "start_loss.npy")
     evals = [r for r in logged if "eval/loss_base" in r]
-    assert hard.dtype == bool and hard.size == evals[0]["eval/tokens"]
-    assert 0.08 <= hard.mean() <= 0.2
-    assert evals[0]["eval/loss_base_hard"] > evals[0]["eval/loss_base"]
+    assert start.dtype == np.float32 and start.size == evals[0]["eval/tokens"]
+    step0 = np.load(reference / "heldout" / "losses_0.npz")
+    np.testing.assert_array_equal(step0["base"], start)
+    hard = start >= np.quantile(start, 0.9)
+    np.testing.assert_allclose(evals[0]["eval/loss_base_hard"], start[hard].mean(), rtol=1e-6)
+    last = np.load(reference / "heldout" / "losses_8.npz")
+    np.testing.assert_allclose(evals[-1]["eval/loss_think_hard"], last["talk"][0][hard].mean(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(evals[-1]["eval/loss_talk_1"], np.nanmean(last["talk"][1]),
+                               rtol=1e-6)
+    rows = np.load(reference / "heldout" / "rows.npz")
+    scored_rows = rows["mask"][..., 1:].any(-1).sum()
+    assert np.isnan(last["talk"][1]).sum() == scored_rows  # offset 1 of each row's last token
+    thoughts = [json.loads(x) for x in (reference / "thoughts.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in thoughts] == [0, 4, 8]
+    assert all("<|startthought|>" in x for t in thoughts for x in t["thoughts"])
 
 
 def test_sigterm_saves_and_a_resumed_run_logs_the_same_losses(reference, tmp_path, env):
@@ -174,38 +187,45 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(reference, 
     assert records(workdir) == records(reference)
 
 
-def test_a_resumed_run_scores_the_hard_tokens_chosen_at_its_first_evaluation(reference,
-                                                                             tmp_path, env):
-    """Resumed from step 6, the step-8 evaluation reads the workdir's hard tokens: made all
-    tokens here, its hard-token losses are then the overall ones."""
+def test_a_resumed_run_scores_the_held_out_set_fixed_at_its_first_evaluation(reference,
+                                                                              tmp_path, env):
+    """Resumed from step 6, the step-8 evaluation reads the workdir's held-out rows and starting
+    losses, not new ones: with one row masked out and the deciles redrawn by hand, its numbers
+    are those of the saved set."""
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     shutil.rmtree(workdir / "checkpoints" / "8")
-    hard_path = workdir / "eval_hard_tokens.npy"
-    np.save(hard_path, np.ones_like(np.load(hard_path)))
+    rows = dict(np.load(workdir / "heldout" / "rows.npz"))
+    rows["mask"][0, 0] = False  # batch 0, row 0 no longer scored
+    np.savez(workdir / "heldout" / "rows.npz", **rows)
+    kept = int(rows["mask"][:, :, 1:].sum())
+    start = np.arange(kept, dtype=np.float32)  # difficulty: the later a token, the harder
+    np.save(workdir / "heldout" / "start_loss.npy", start)
     out = train(workdir, env)
     assert out.returncode == 0, out.stderr[-3000:]
     last = [r for r in records(workdir) if "eval/loss_base" in r][-1]
-    assert last["step"] == 8
-    assert last["eval/loss_base_hard"] == last["eval/loss_base"]
-    assert last["eval/loss_think_hard"] == last["eval/loss_think"]
+    assert last["step"] == 8 and last["eval/tokens"] == kept
+    losses = np.load(workdir / "heldout" / "losses_8.npz")
+    hardest = start >= np.quantile(start, 0.9)
+    np.testing.assert_allclose(last["eval/loss_base_hard"], losses["base"][hardest].mean(),
+                               rtol=1e-6)
+    assert np.array_equal(np.load(workdir / "heldout" / "start_loss.npy"), start)
 
 
-def test_an_unreadable_hard_token_file_is_named_and_chosen_again(tmp_path, caplog):
-    from etils import epath
+def test_held_out_files_that_do_not_fit_are_named(tmp_path):
+    from qstar_jax import heldout
 
-    from qstar_jax import train
-
-    path = epath.Path(tmp_path / "eval_hard_tokens.npy")
-    assert train.read_hard_tokens(path) is None  # none saved yet
+    assert heldout.read_start_loss(str(tmp_path)) is None  # none saved yet
+    (tmp_path / "heldout").mkdir()
+    path = tmp_path / "heldout" / "start_loss.npy"
     path.write_bytes(b"\x00junk")
-    assert train.read_hard_tokens(path) is None
-    np.save(tmp_path / "eval_hard_tokens.npy", np.arange(4.0))
-    assert train.read_hard_tokens(path) is None
-    assert [str(path) in r.getMessage() for r in caplog.records] == [True, True]
-    mask = np.array([True, False, True])
-    np.save(tmp_path / "eval_hard_tokens.npy", mask)
-    np.testing.assert_array_equal(train.read_hard_tokens(path), mask)
+    with pytest.raises(ValueError, match="start_loss.npy is unreadable"):
+        heldout.read_start_loss(str(tmp_path))
+    np.save(path, np.arange(4))
+    with pytest.raises(ValueError, match="not float32"):
+        heldout.read_start_loss(str(tmp_path))
+    np.save(path, np.arange(4, dtype=np.float32))
+    np.testing.assert_array_equal(heldout.read_start_loss(str(tmp_path)), np.arange(4))
 
 
 def test_no_readable_checkpoint_is_an_error_naming_them(reference, tmp_path, env):
@@ -395,14 +415,16 @@ HF_SCRIPT = textwrap.dedent("""
 def test_training_resumes_from_an_exported_quiet_star_checkpoint(two_processes, tmp_path):
     """model.source="hf" on the exported step-8 model: its first held-out evaluation is the one
     the run logged at step 8 (thinking included: the mixing head and thought embeddings load),
-    on the same hard tokens when given the run's."""
+    on the same held-out set when given the run's."""
     from qstar_jax import checkpoint
 
     hf = tmp_path / "hf"
     checkpoint.export_checkpoint(str(two_processes), 8, str(hf))
     workdir = tmp_path / "run"
     workdir.mkdir()
-    shutil.copy(two_processes / "eval_hard_tokens.npy", workdir)
+    (workdir / "heldout").mkdir()
+    for name in ("rows.npz", "start_loss.npy"):  # the run's held-out set and deciles
+        shutil.copy(two_processes / "heldout" / name, workdir / "heldout")
     env = subprocess_env(1, tmp_path / "cache")
     overrides = json.dumps({**RUN, "train_steps": 1})
     out = subprocess.run([sys.executable, "-c", HF_SCRIPT, overrides, str(hf),

@@ -1,0 +1,136 @@
+"""The experiment's report: one self-contained HTML page, its plots (matplotlib) embedded as PNG.
+
+`render(summary, seeds)` takes the experiment's summary (JSON-able: the table rows, the verdicts)
+and, per seed, what its arms logged: training and held-out metrics per step, the gain from
+thinking per difficulty decile, and a few decoded thoughts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import numpy as np
+from matplotlib.figure import Figure
+
+ARMS = {"control": ("no thoughts (control)", "tab:blue"),
+        "quiet_star": ("Quiet-STaR", "tab:orange")}
+PLOTS = ("learning curves", "gain by difficulty decile", "thinking diagnostics")
+
+
+def _png(fig: Figure) -> str:
+    """A figure as an <img> with its PNG inlined."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img alt="{html.escape(fig.get_suptitle())}" src="data:image/png;base64,{data}">'
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    rows = [r for r in records if key in r]
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def learning_curves(seeds: list[dict]) -> Figure:
+    """Training NLL per logged step and held-out loss per evaluation, both arms on one axis."""
+    fig = Figure(figsize=(11, 4))
+    fig.suptitle("learning curves")
+    train_ax, eval_ax = fig.subplots(1, 2)
+    lines = {"control": [("loss_base", "eval/loss_base", "-", "")],
+             "quiet_star": [("loss_base", "eval/loss_base", "--", ", base pass"),
+                            ("loss_talk_0", "eval/loss_think", "-", ", with thinking")]}
+    for i, seed in enumerate(seeds):
+        for arm, keys in lines.items():
+            name, colour = ARMS[arm]
+            for train_key, eval_key, style, what in keys:
+                label = f"{name}{what}" if i == 0 else None
+                train_ax.plot(*_series(seed["curves"][arm], train_key), style, color=colour,
+                              alpha=0.8, label=label)
+                eval_ax.plot(*_series(seed["curves"][arm], eval_key), style, color=colour,
+                             marker="o", markersize=3, alpha=0.8, label=label)
+    train_ax.set(title="training batches (cross-entropy)", xlabel="step", ylabel="nats/token")
+    eval_ax.set(title="held-out tokens", xlabel="step", ylabel="nats/token")
+    for ax in (train_ax, eval_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def gain_by_decile(seeds: list[dict]) -> Figure:
+    """Held-out loss of the control minus Quiet-STaR with thinking, per difficulty decile of the
+    starting model (above 0: thinking predicts better)."""
+    fig = Figure(figsize=(7, 4))
+    fig.suptitle("gain by difficulty decile")
+    ax = fig.subplots()
+    x = np.arange(1, 11)
+    gains = np.array([s["gain_by_decile"] for s in seeds], float)
+    ax.bar(x, np.nanmean(gains, 0), color="tab:orange", alpha=0.35, label="mean over seeds")
+    for s, g in zip(seeds, gains, strict=True):
+        ax.plot(x, g, "o-", markersize=3, alpha=0.8, label=f"seed {s['seed']}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(xticks=x, xlabel="difficulty decile of the starting model (10 = hardest)",
+           ylabel="control - with thinking (nats/token)",
+           title="above 0: thinking predicts better than plain training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def diagnostics(seeds: list[dict]) -> Figure:
+    """The Quiet-STaR arm's reward, mixing weight, reinforced share and thought entropy."""
+    fig = Figure(figsize=(11, 6))
+    fig.suptitle("thinking diagnostics")
+    panels = (("reward_mean", "reward (nats gained over the base pass)"),
+              ("mixing_weight_mean", "mixing weight w (0: thoughts unused)"),
+              ("advantage_positive", "share of thoughts reinforced"),
+              ("thought_entropy", "entropy of the thought tokens (nats)"))
+    for ax, (key, title) in zip(fig.subplots(2, 2).flat, panels, strict=True):
+        for seed in seeds:
+            steps, values = _series(seed["curves"]["quiet_star"], key)
+            ax.plot(steps, values, "-", alpha=0.8, label=f"seed {seed['seed']}")
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render(summary: dict, seeds: list[dict]) -> str:
+    """The report page (see the module doc); `summary["table"]` holds the decile table rows,
+    `summary["verdict_line"]` the answer, `summary["verdicts"]` one sentence per question."""
+    figures = [learning_curves(seeds), gain_by_decile(seeds), diagnostics(seeds)]
+    thoughts = "".join(
+        f"<h3>seed {s['seed']}</h3><pre>{html.escape(chr(10).join(s['thoughts']))}</pre>"
+        for s in seeds)
+    verdicts = "".join(f"<li>{html.escape(v)}</li>" for v in summary["verdicts"])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Does thinking help?</title>
+<style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+img{{max-width:100%;display:block;margin:1em 0}}pre{{background:#f6f6f6;padding:8px;
+white-space:pre-wrap}}</style></head><body>
+<h1>Does thinking help?</h1>
+<p><b>{html.escape(summary["verdict_line"])}</b></p>
+<ul>{verdicts}</ul>
+<p>{html.escape(summary["description"])}</p>
+<h2>Held-out loss by difficulty decile (mean over seeds)</h2>
+{_table(summary["table"], summary["table_header"])}
+<h2>Quiet-STaR: held-out loss at each talk offset</h2>
+{_table([[t, v] for t, v in enumerate(summary["talk_loss_by_offset"]) if v is not None],
+        ["offset t (predicts x[j+1+t] after the thought at j)", "nats/token"])}
+<h2>Per seed: with thinking minus control</h2>
+{_table(summary["per_seed"], summary["per_seed_header"])}
+<h2>Plots</h2>
+{"".join(_png(f) for f in figures)}
+<h2>Thoughts at the last evaluation</h2>
+{thoughts}
+</body></html>
+"""
