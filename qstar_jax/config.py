@@ -75,7 +75,8 @@ def quiet_star_defaults(preset: str = "reference", **overrides) -> ml_collection
 
 
 def check_model_keys(model: ml_collections.ConfigDict) -> None:
-    """model.source is known and the section holds exactly that source's keys."""
+    """model.source is known, the section holds exactly that source's keys, and a Hugging Face
+    source names its directory."""
     if model.source not in SOURCE_KEYS:
         raise ValueError(f"model.source={model.source!r}: expected one of {list(SOURCE_KEYS)}")
     expected = {"source", *RUNTIME_KEYS, *SOURCE_KEYS[model.source]}
@@ -85,6 +86,9 @@ def check_model_keys(model: ml_collections.ConfigDict) -> None:
     if extra:
         raise ValueError(f"model.{', model.'.join(extra)} not used by model.source="
                          f"{model.source!r}")
+    if model.source == "hf" and not model.path:
+        raise ValueError("model.path is empty: pass --config.model.path=DIR (a Hugging Face "
+                         "checkpoint directory)")
 
 
 
@@ -129,9 +133,6 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
         model_cfg = ModelConfig(vocab_size=tok.vocab_size, **sizes, **runtime)
         return Model(quiet_star_config(config.quiet_star, model_cfg, tok), tok,
                      _init_token(tok), None)
-    if model.source == "hf" and not model.path:
-        raise ValueError("model.path is empty: pass --config.model.path=DIR (a Hugging Face "
-                         "checkpoint directory)")
     where = model.path if model.source == "hf" else "the demo model"
     if model.source == "demo":
         model_cfg, params, tok = convert.demo_model(**runtime)
@@ -184,7 +185,14 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokeni
         texts, _ = data.load_splits(config.data)
         staging = target.parent / f".{TOKENIZER_DIR}.tmp"
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer_lib.train_sentencepiece(texts, config.model.vocab_size, tmp)
+            try:
+                tokenizer_lib.train_sentencepiece(texts, config.model.vocab_size, tmp)
+            except tokenizer_lib.VocabularyTooLarge as e:
+                raise ValueError(
+                    f"model.vocab_size={config.model.vocab_size} is more than the training "
+                    f"text supports for the random model's tokenizer (at most {e.most} pieces): "
+                    f"set --config.model.vocab_size={e.most} or less, or give more text"
+                ) from None
             convert.copy_files(epath.Path(tmp), staging)
         staging.rename(target)  # appears complete or not at all
     if jax.process_count() > 1:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
+from absl import logging as absl_logging
 from etils import epath
 
 from qstar_jax.model import ModelConfig, Params, join_layers, split_layers
@@ -790,15 +791,23 @@ def _add_inspect(verbs) -> None:
 
 
 VERBS = [_add_from_gguf, _add_to_hf, _add_inspect]  # each adds one subcommand to the parser
+CLI_HELP = """Convert checkpoints. Subcommands (VERB --help for each one's flags):
+  from-gguf  a GGUF file (llama architecture) -> a Hugging Face directory with its tokenizer
+  to-hf      a training workdir's saved step -> a Hugging Face directory, with the Quiet-STaR
+             weights and settings and the tokenizer
+  inspect    print a Hugging Face directory's config and parameter count
+
+  python -m qstar_jax.convert to-hf --checkpoint runs/tiny --out runs/tiny_hf"""
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qstar_jax.convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m qstar_jax.convert", description=CLI_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(metavar="VERB", required=True)
     for add in VERBS:
         add(verbs)
     args = parser.parse_args(argv)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns of every read-only manager
     try:
         args.run(args)
     except (CheckpointError, FileExistsError) as e:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax import generate
+from qstar_jax import generate, outputs
 from qstar_jax.model import Params
 from qstar_jax.thoughts import QuietStarConfig, rollout
 
@@ -56,15 +56,21 @@ def _jsonl(path: str) -> Iterator[tuple[str, dict]]:
     """(where, object) per non-blank line; `where` is "path:line" for error messages."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (invalid byte at column "
+                                 f"{e.start + 1}); the file must be JSONL") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{where}: not valid JSON ({e.msg.removesuffix(' at')} at "
+                                 f"column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield where, obj
@@ -364,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
     try:
+        if args.out:
+            outputs.check_output_file(args.out)  # before the evaluation, not after
         examples = read_examples(args.data, args.task, args.limit)
         cfg, params, tok = generate.load_checkpoint(args.checkpoint)
         modes = (False,) if args.no_thoughts else (True, False)

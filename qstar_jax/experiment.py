@@ -28,7 +28,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from qstar_jax import config as config_lib
-from qstar_jax import heldout, report, train
+from qstar_jax import heldout, outputs, report, train
 
 ARMS = ("quiet_star", "control")
 MIN_SEEDS = 3  # a claim that thinking helps needs at least this many seeds
@@ -263,14 +263,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, seeds: list[int]) -> di
     if config.quiet_star.n_ahead < 3:
         raise ValueError(f"quiet_star.n_ahead={config.quiet_star.n_ahead}: the Quiet-STaR arm "
                          "needs thoughts (n_ahead >= 3); the control arm is made from it")
+    outputs.prepare_workdir(workdir)  # before hours of training, not after
     out = epath.Path(workdir)
-    try:  # before hours of training, not after
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".writable").write_text("")
-        (out / ".writable").unlink()
-    except OSError as e:
-        raise ValueError(f"--workdir={workdir} is not a writable directory ({e.strerror}): "
-                         "choose another") from None
     report_path, summary_path = out / "report.html", out / "summary.json"
     results = [run_seed(config, workdir, seed) for seed in seeds]
     q = config.quiet_star

@@ -279,6 +279,15 @@ def from_gguf(path_or_reader) -> Tokenizer:
                               "(supported: 'gpt2' byte-level BPE, 'llama' sentencepiece)")
 
 
+class VocabularyTooLarge(ValueError):
+    """The training text has too few distinct pieces for the vocabulary asked for."""
+
+    def __init__(self, asked: int, most: int):
+        super().__init__(f"a vocabulary of {asked} pieces is more than the text supports (at "
+                         f"most {most}): lower the vocabulary size or give more text")
+        self.most = most
+
+
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, directory: str,
                         byte_fallback: bool = True) -> Tokenizer:
     """Train a Llama-style BPE sentencepiece model on `texts`, save it to `directory`, return it.
@@ -296,6 +305,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, directory: str,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True, minloglevel=2)
     except RuntimeError as e:
+        most = re.search(r"<= (\d+)", str(e))
+        if most:
+            raise VocabularyTooLarge(vocab_size, int(most.group(1))) from None
         raise ValueError(f"sentencepiece training with vocab_size={vocab_size} failed: {e}") from e
     tokenizer = SentencePieceTokenizer(model.getvalue(), os.path.join(directory, "tokenizer.model"))
     tokenizer.save(directory)

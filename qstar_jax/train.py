@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -34,7 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from qstar_jax import checkpoint, data, heldout, optim, sharding
+from qstar_jax import checkpoint, data, heldout, optim, outputs, sharding
 from qstar_jax import config as config_lib
 from qstar_jax.objective import quiet_star_loss
 from qstar_jax.scoring import TokenLosses, token_losses
@@ -323,13 +324,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Train per `config` in `workdir` (resuming if it holds checkpoints); returns the logged
     records of process 0 (metrics.jsonl)."""
     check_config(config)
+    config_lib.check_model_keys(config.model)
     if config.distributed:
-        jax.distributed.initialize()
-    _say("config:\n%s", config)
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(
+                f"distributed=True, but this machine is not a host of a TPU pod ({e}): such runs "
+                "are started on every host by launch/train.sh; to run this config on one "
+                "machine, add --config.distributed=False") from None
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.batch_size, mesh)
+    outputs.prepare_workdir(workdir, jax.process_index())
+    _say("config:\n%s", config)
     _say("mesh: %s", sharding.describe(mesh))
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     checkpoint.save_config(workdir, config)
     model = config_lib.load_model(config, workdir)
     check_batch(model.cfg, config.seq_len)
@@ -599,18 +607,59 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a one-line error for a bad flag or an unknown --config.KEY
-    (config_flags raises a bare KeyError/AttributeError for some unknown nested keys)."""
+    """absl flag parsing with one-line errors: a bad flag, an unknown --config.KEY (config_flags
+    raises a bare KeyError/AttributeError for some), a config file that does not load; and a
+    --help that exits 0 and shows the config's keys."""
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        _help([a for a in argv if a not in HELP_FLAGS])
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except flags.Error as e:
         fail(str(e), 2)
     except (AttributeError, KeyError) as e:
-        key = str(e).strip("\"'")
-        named = [a.split("=", 1)[0] for a in argv
-                 if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
-        fail(f"unknown config key {named[0] if named else key!r}", 2)
+        message = str(e)  # the key's name, quoted and escaped, and maybe a suggestion
+        plain = message.replace("\\", "")
+        named = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and any(
+            f"'{part}'" in plain for part in a.split("=", 1)[0].split(".")[1:])]
+        guess = re.search(r'Did you mean "([^"]+)"', message)
+        hint = f" (did you mean {guess.group(1)!r}?)" if guess else ""
+        fail(f"unknown config key {named[0] if named else message}{hint}", 2)
+    _loaded_config()
+    return rest
+
+
+def _loaded_config() -> ml_collections.ConfigDict | None:
+    """--config's ConfigDict (None if not given); a file that does not load is a one-line error
+    (config_flags defers it to the first read)."""
+    config = flags.FLAGS["config"].value
+    try:
+        config is None or config.keys()  # a config that failed to load raises on any access
+        return config
+    except OSError as e:
+        cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+        fail(f"--config: the config file does not load ({cause}); name one of configs/*.py, "
+             "for example --config=configs/tiny.py", 2)
+
+
+def _help(argv: list[str]) -> None:
+    """The program's doc, its flags, and how to see and set config keys; exits 0."""
+    print((sys.modules["__main__"].__doc__ or "").strip() + "\n")
+    print(flags.FLAGS.main_module_help())
+    print("\nEvery key of the config file can be set with --config.KEY=VALUE, for example "
+          "--config.train_steps=100 --config.quiet_star.n_ahead=8. Each run prints its resolved "
+          "config first; --config=FILE --help lists FILE's keys:")
+    try:
+        flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError):
+        sys.exit(0)
+    config = flags.FLAGS["config"].present and _loaded_config()
+    if config:
+        print(config)
+    sys.exit(0)
 
 
 def main(argv: list[str]) -> None:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax import generate
+from qstar_jax import generate, outputs
 from qstar_jax.evaluate import eval_config, token_pieces
 from qstar_jax.model import Params
 from qstar_jax.thoughts import QuietStarConfig, rollout, token_logprob
@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled thoughts")
     args = parser.parse_args(argv)
     try:
+        outputs.check_output_file(args.out)  # before the scoring, not after
         text = read_text(args.text)
         cfg, params, tok = generate.load_checkpoint(args.checkpoint)
         scores = score_text(params, cfg, tok, text, window=args.window, seed=args.seed)

@@ -309,8 +309,12 @@ def test_cli_inspect(copy_of, capsys):
     out = capsys.readouterr().out
     n = sum(w.size for w in tensors_of(copy_of).values())
     assert f"parameters: {n:,}" in out and '"n_kv_heads": 2' in out
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         convert.main(["--help"])
+    assert e.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage.splitlines()[2].startswith("Convert checkpoints. Subcommands")
+    assert all(f"\n  {verb}  " in usage for verb in ("from-gguf", "to-hf   ", "inspect "))
 
 
 # ----------------------------------------------------------------------------- remote directories

@@ -75,6 +75,20 @@ def test_bad_data_files_name_the_line(tmp_path, task, rows, message):
         ev.read_examples(write_jsonl(tmp_path / "g.jsonl", rows), task)
 
 
+def test_undecodable_lines_name_the_file_line_and_column(tmp_path):
+    broken = tmp_path / "broken.jsonl"  # a raw tab inside a string: JSON's control characters
+    broken.write_text(json.dumps(GSM8K[0]) + '\n{"question": "a\tb", "answer": "#### 1"}\n')
+    with pytest.raises(ValueError) as e:
+        ev.read_examples(str(broken), "gsm8k")
+    assert str(e.value) == f"{broken}:2: not valid JSON (Invalid control character at column 16)"
+    noise = tmp_path / "noise.jsonl"
+    noise.write_bytes(json.dumps(GSM8K[0]).encode() + b"\n\xf3\x80\xff junk\n")
+    with pytest.raises(ValueError) as e:
+        ev.read_examples(str(noise), "gsm8k")
+    assert str(e.value) == (f"{noise}:2: not UTF-8 text (invalid byte at column 1); the file "
+                            "must be JSONL")
+
+
 def test_missing_data_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such data file"):
         ev.read_examples(str(tmp_path / "none.jsonl"), "gsm8k")
@@ -257,3 +271,32 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.main(["--checkpoint", checkpoint, "--task", "gsm8k", "--data", bad, "--limit", "0"])
     assert "--limit must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_checks_the_output_path_before_any_work(tmp_path, capsys):
+    """A missing --out directory is named before the data or the model are read (neither
+    exists here), so no evaluation is lost to it."""
+    out = tmp_path / "missing_dir" / "results.jsonl"
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--checkpoint", str(tmp_path / "no_model"), "--task", "gsm8k", "--data",
+                 str(tmp_path / "no_data.jsonl"), "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out={out}: the directory ") and "does not exist" in err
+
+
+def test_output_paths_are_checked_and_leave_nothing(tmp_path):
+    from qstar_jax import outputs
+
+    outputs.check_output_file(str(tmp_path / "new.jsonl"))
+    assert list(tmp_path.iterdir()) == []  # checked, not created
+    (tmp_path / "old.jsonl").write_text("kept")
+    outputs.check_output_file(str(tmp_path / "old.jsonl"))
+    assert (tmp_path / "old.jsonl").read_text() == "kept"
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="a_file/r.jsonl: the directory .* does not exist"):
+        outputs.check_output_file(str(tmp_path / "a_file" / "r.jsonl"))
+    with pytest.raises(ValueError, match="--workdir=.*a_file/run: cannot write there"):
+        outputs.prepare_workdir(str(tmp_path / "a_file" / "run"))
+    outputs.prepare_workdir(str(tmp_path / "deep" / "run"))
+    assert list((tmp_path / "deep" / "run").iterdir()) == []

@@ -16,6 +16,7 @@ import transformers
 from qstar_jax import convert
 from qstar_jax.model import ModelConfig, Transformer, init_params
 from qstar_jax.objective import quiet_star_loss
+from qstar_jax.scoring import evaluation_config, token_losses
 from qstar_jax.thoughts import (
     QuietStarConfig,
     add_thought_params,
@@ -226,6 +227,34 @@ def test_rollout_and_loss_match_naive_growing_mask(setup):
         p, t = divmod(i, cfg.n_ahead_talk)
         np.testing.assert_allclose(np.asarray(ro.talk_logits[:, p, t])[rows],
                                    logits.detach().numpy()[rows], atol=1e-5)
+
+
+def test_evaluation_losses_match_naive_growing_mask(setup):
+    """`scoring.token_losses` (what every held-out evaluation reports) per token: the base pass,
+    and each talk offset after the thought it sampled, as the naive reference computes them."""
+    cfg, params, path = setup
+    tokens = batch_tokens()
+    mask = tokens != PAD
+    ours = jax.jit(token_losses, static_argnums=4)(params, jnp.asarray(tokens), jnp.asarray(mask),
+                                                   jax.random.key(3), cfg)
+    assert ours.thoughts.shape == (B, L, cfg.n_sampled)
+    naive = NaiveQuietStar(path, evaluation_config(cfg))
+    ref = naive.loss(tokens, np.asarray(ours.thoughts)[:, None])  # the thoughts ours sampled
+
+    def cross_entropy(logits, t):  # -log p(x[j+1+t]) at j, where that token is real
+        logp = torch.log_softmax(logits.detach().double(), -1).numpy()
+        target = np.concatenate([tokens[:, t + 1:], np.full((B, t + 1), PAD)], 1)
+        ce = -np.take_along_axis(logp, target[..., None], -1)[..., 0]
+        return np.where(target != PAD, ce, 0.0), target != PAD
+
+    base, valid = cross_entropy(ref["base_logits"], 0)
+    np.testing.assert_array_equal(ours.valid[:, 0], valid)
+    np.testing.assert_allclose(ours.base, base, rtol=1e-5, atol=1e-5)
+    for t, logits in enumerate(ref["talk_logits"]):
+        talk, valid = cross_entropy(logits, t)
+        np.testing.assert_array_equal(ours.valid[:, t], valid)
+        np.testing.assert_allclose(ours.talk[:, t], talk, rtol=1e-5, atol=1e-5, err_msg=str(t))
+    assert np.abs(np.asarray(ours.think) - np.asarray(ours.base)).max() > 1e-3  # thoughts count
 
 
 def test_gradients_match_naive_growing_mask(setup, tmp_path):

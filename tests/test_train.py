@@ -6,6 +6,7 @@ not compile again.
 """
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -255,7 +256,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(reference, t
 
 
 @pytest.mark.parametrize("overrides, devices, message", [
-    ({"model.nope": 1}, 1, "error: unknown config key '--config.model.nope'"),
+    ({"model.nope": 1}, 1, "error: unknown config key --config.model.nope"),
     ({"batch_size": 4}, 8, "error: batch_size=4 is not divisible by the data-parallel size 8"),
     ({"mesh.data": 3}, 8, "error: mesh data=3 x fsdp=1 x tensor=1 needs 3 devices, but 8 are"),
 ])
@@ -265,6 +266,66 @@ def test_bad_input_is_a_one_line_error(tmp_path, tmp_path_factory, overrides, de
     assert out.returncode != 0
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-1000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/nope.py"], "error: --config: the config file does not load ([Errno 2] "
+     "No such file or directory: 'configs/nope.py'); name one of configs/*.py"),
+    (["--config=TINY", "--config.quiet_star.n_ahaed=3"],
+     "error: unknown config key --config.quiet_star.n_ahaed (did you mean 'n_ahead'?)"),
+    (["--config=TINY", "--workdir=/proc/qstar_run"],
+     "error: --workdir=/proc/qstar_run: cannot write there (No such file or directory)"),
+    (["--config=TINY", "--workdir=a_file/run"],
+     "error: --workdir=a_file/run: cannot write there (Not a directory)"),
+    (["--config=TPU"], "error: model.path is empty: pass --config.model.path=DIR"),
+    (["--config=TPU", "--config.model.path=."], "error: distributed=True, but this machine is "
+     "not a host of a TPU pod"),
+])
+def test_mistakes_on_the_command_line_are_one_line_before_any_work(args, message, tmp_path):
+    """Nothing is created: the workdir is checked after the config, the model path and the
+    distribution setting, and before anything is written."""
+    (tmp_path / "a_file").write_text("")
+    named = {"TINY": f"{ROOT}/configs/tiny.py", "TPU": f"{ROOT}/configs/tpu_v4.py"}
+    args = [a.split("=")[0] + "=" + named.get(a.split("=")[1], a.split("=")[1]) for a in args]
+    if not any(a.startswith("--workdir") for a in args):
+        args.append("--workdir=run")
+    out = subprocess.run([sys.executable, "-m", "qstar_jax.train", *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode != 0
+    assert out.stderr.strip().startswith(message), out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_vocabulary_larger_than_the_text_allows_names_the_key_and_the_fix(tmp_path):
+    from tiny import get_config
+
+    from qstar_jax import config as config_lib
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("a cat sat.\nthe dog ran.\nhi there.\n")
+    config = get_config()
+    config.data.update(source="text", path=str(tmp_path / "corpus"), heldout_fraction=0.0)
+    with pytest.raises(ValueError, match=r"^model.vocab_size=384 is more than the training text "
+                       r"supports .* \(at most (\d+) pieces\): set --config.model.vocab_size=\1 or "
+                       "less, or give more text$"):
+        config_lib.workdir_tokenizer(config, str(tmp_path / "run"))
+
+
+def test_help_exits_0_and_shows_how_to_set_config_keys(tmp_path):
+    def helps(*args):
+        out = subprocess.run([sys.executable, "-m", "qstar_jax.train", *args, "--help"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    plain = helps()
+    assert plain.startswith("Quiet-STaR training on a mesh of devices")
+    assert "--workdir" in plain and "--config.KEY=VALUE" in plain
+    with_config = helps(f"--config={ROOT}/configs/tiny.py")
+    assert "train_steps: 30" in with_config and "n_ahead: 4" in with_config
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -326,7 +387,8 @@ def test_two_processes_train_like_one(reference, two_processes):
 
 
 def test_export_writes_a_checkpoint_transformers_scores_as_training_did(two_processes,
-                                                                       tmp_path, capsys):
+                                                                       tmp_path, capsys,
+                                                                       caplog):
     """The exported step-8 model, run by transformers, gives the held-out base loss the run
     logged at step 8 (computed there from parameters split over two processes)."""
     import torch
@@ -338,6 +400,7 @@ def test_export_writes_a_checkpoint_transformers_scores_as_training_did(two_proc
     out = tmp_path / "hf"
     convert.main(["to-hf", "--checkpoint", str(two_processes), "--out", str(out)])
     assert f"wrote step 8 of {two_processes} to {out}" in capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
     config = checkpoint.load_config(str(two_processes))
     tok = tokenizer_lib.load(str(out))
     batch = data.heldout_batches(config.data, tok, seq_len=config.seq_len,

@@ -152,3 +152,17 @@ def test_page_renders_in_a_headless_browser(checkpoint, loaded, tmp_path):
     subprocess.run(browser + [f"--screenshot={png}", "--window-size=800,400", out.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_cli_checks_the_output_path_before_any_work(tmp_path, capsys):
+    """A missing --out directory is named before the model is even read (the checkpoint here
+    does not exist), so no scoring is lost to it."""
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(TEXT, encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["--checkpoint", str(tmp_path / "no_model"), "--text", str(text_file),
+                        "--out", str(tmp_path / "missing_dir" / "r.html")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out={tmp_path / 'missing_dir' / 'r.html'}: the directory ")
+    assert "does not exist" in err and len(err.splitlines()) == 1

@@ -1,0 +1,40 @@
+"""Output paths checked before long work starts, so that a bad path never costs a finished
+result: a workdir that can be written, and an output file whose directory takes it."""
+
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+
+def prepare_workdir(workdir: str, process_index: int = 0) -> None:
+    """Create `workdir` if needed and check that files can be written there; a one-line
+    ValueError naming it otherwise."""
+    path = epath.Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{process_index}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); choose "
+                         "a directory you can write to") from None
+
+
+def check_output_file(path: str, flag: str = "--out") -> None:
+    """`path` can be written (its directory exists and takes a file); a one-line ValueError
+    naming the flag otherwise. Nothing is left behind."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"{flag}={path}: the directory {directory} does not exist; create it "
+                         "or choose another path")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}={path}: cannot write it ({e.strerror or e}); choose another "
+                         "path") from None
+    if not existed:
+        os.remove(path)
