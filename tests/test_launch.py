@@ -238,11 +238,15 @@ def test_train_starts_on_all_workers_in_background(launch, tmp_path):
     env["RAN"] = str(tmp_path / "ran.json")
     started = subprocess.run(["bash", "-c", command], cwd=home, env=env, timeout=30)
     assert started.returncode == 0
-    for _ in range(500):  # the job runs in the background: wait for it
-        if (tmp_path / "ran.json").exists() and (home / "train.log").exists():
-            break
+    deadline = time.monotonic() + 60  # the job runs in the background: wait until it wrote
+    while time.monotonic() < deadline:  # both files whole (a loaded machine is slow)
+        try:
+            ran = json.loads((tmp_path / "ran.json").read_text())
+            if (home / "train.log").read_text() == "training started\n":
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
         time.sleep(0.01)
-    ran = json.loads((tmp_path / "ran.json").read_text())
     assert ran["argv"] == [
         "-m", "qstar_jax.train", "--config=configs/tpu_v4.py", "--workdir=gs://bkt/run1",
         "--config.distributed=True", "--config.learning_rate=3e-4", tricky,
