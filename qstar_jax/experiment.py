@@ -157,9 +157,8 @@ def sentence(what: str, v: dict) -> str:
     if v["holds"]:
         return (f"{what}: thinking helps. With thinking the model is {amount} (mean of "
                 f"{v['seeds']} seeds, standard error {v['standard_error']:.4f}), in every seed.")
-    if v["seeds"] < MIN_SEEDS:
-        return (f"{what}: with thinking the model was {amount} in this run; {v['seeds']} seed(s) "
-                f"cannot show that thinking helps (run --seeds with {MIN_SEEDS} or more).")
+    if v["seeds"] < MIN_SEEDS:  # the verdict line says why that shows nothing yet
+        return f"{what}: with thinking the model was {amount} (mean of {v['seeds']} seed(s))."
     return (f"{what}: not shown. With thinking the model is {amount} on average over "
             f"{v['seeds']} seeds (standard error {v['standard_error']:.4f}), better in "
             f"{v['favours_thinking_in']} of them.")

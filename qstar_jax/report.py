@@ -14,8 +14,6 @@ import io
 import numpy as np
 from matplotlib.figure import Figure
 
-ARMS = {"control": ("no thoughts (control)", "tab:blue"),
-        "quiet_star": ("Quiet-STaR", "tab:orange")}
 PLOTS = ("learning curves", "gain by difficulty decile", "thinking diagnostics")
 
 
@@ -32,28 +30,48 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [r["step"] for r in rows], [r[key] for r in rows]
 
 
+def _mean_over_seeds(seeds: list[dict], arm: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, mean of `key` over the seeds) at the steps every seed logged it."""
+    series = [dict(zip(*_series(s["curves"][arm], key), strict=True)) for s in seeds]
+    steps = sorted(set.intersection(*(set(x) for x in series)))
+    return np.array(steps), np.array([np.mean([x[t] for x in series]) for t in steps])
+
+
+def _running_mean(x: np.ndarray, width: int) -> np.ndarray:
+    """Mean of each value with up to `width - 1` before it (a trailing window)."""
+    sums = np.cumsum(np.concatenate([[0.0], x]))
+    lo = np.maximum(np.arange(1, x.size + 1) - width, 0)
+    return (sums[1:] - sums[lo]) / (np.arange(1, x.size + 1) - lo)
+
+
+SMOOTH_STEPS = 5  # training losses of a small batch are noisy: a trailing mean over this many
+CURVES = (  # (arm, training key, held-out key, label, colour, style)
+    ("control", "loss_base", "eval/loss_base", "no thoughts (control)", "tab:blue", "-"),
+    ("quiet_star", "loss_base", "eval/loss_base", "Quiet-STaR, base pass", "tab:orange", "--"),
+    ("quiet_star", "loss_talk_0", "eval/loss_think", "Quiet-STaR, with thinking", "tab:green",
+     "-"),
+)
+
+
 def learning_curves(seeds: list[dict]) -> Figure:
-    """Training NLL per logged step and held-out loss per evaluation, both arms on one axis."""
+    """Training cross-entropy per step and held-out loss per evaluation, means over seeds, both
+    arms on one axis."""
     fig = Figure(figsize=(11, 4))
     fig.suptitle("learning curves")
     train_ax, eval_ax = fig.subplots(1, 2)
-    lines = {"control": [("loss_base", "eval/loss_base", "-", "")],
-             "quiet_star": [("loss_base", "eval/loss_base", "--", ", base pass"),
-                            ("loss_talk_0", "eval/loss_think", "-", ", with thinking")]}
-    for i, seed in enumerate(seeds):
-        for arm, keys in lines.items():
-            name, colour = ARMS[arm]
-            for train_key, eval_key, style, what in keys:
-                label = f"{name}{what}" if i == 0 else None
-                train_ax.plot(*_series(seed["curves"][arm], train_key), style, color=colour,
-                              alpha=0.8, label=label)
-                eval_ax.plot(*_series(seed["curves"][arm], eval_key), style, color=colour,
-                             marker="o", markersize=3, alpha=0.8, label=label)
-    train_ax.set(title="training batches (cross-entropy)", xlabel="step", ylabel="nats/token")
+    for arm, train_key, eval_key, label, colour, style in CURVES:
+        steps, values = _mean_over_seeds(seeds, arm, train_key)
+        train_ax.plot(steps, _running_mean(values, SMOOTH_STEPS), style, color=colour,
+                      label=label)
+        steps, values = _mean_over_seeds(seeds, arm, eval_key)
+        eval_ax.plot(steps, values, style, color=colour, marker="o", markersize=4, label=label)
+    train_ax.set(title=f"training batches (mean of the last {SMOOTH_STEPS} steps)",
+                 xlabel="step", ylabel="cross-entropy (nats/token)")
     eval_ax.set(title="held-out tokens", xlabel="step", ylabel="nats/token")
     for ax in (train_ax, eval_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.text(0.5, -0.02, f"means over {len(seeds)} seed(s)", ha="center", fontsize=8)
     return fig
 
 

@@ -393,8 +393,9 @@ def _loop(config, workdir, trainer: Trainer, ckpts: checkpoint.Checkpoints, data
                 heldout.write_start_loss(workdir, start_loss)
         if main_process:
             heldout.write_losses(workdir, at, result.base, result.talk)
-            with (epath.Path(workdir) / THOUGHTS_FILE).open("a") as f:
-                f.write(json.dumps({"step": at, "thoughts": result.samples}) + "\n")
+            path = epath.Path(workdir) / THOUGHTS_FILE  # rewritten whole: gs:// cannot append
+            kept = path.read_text() if path.exists() else ""
+            path.write_text(kept + json.dumps({"step": at, "thoughts": result.samples}) + "\n")
         metrics = result.metrics
         log.write(at, metrics)
         took = time.perf_counter() - began

@@ -74,9 +74,12 @@ def test_summary_table_and_verdicts_by_hand():
     np.testing.assert_allclose(summary["talk_loss_by_offset"][0], 8.7, rtol=1e-5)
     assert summary["talk_loss_by_offset"][1] is None  # no offset-1 target anywhere
     assert summary["verdict"]["overall"]["holds"] is False  # two seeds are too few
-    assert summary["verdicts"][0] == (
-        "Overall: with thinking the model was 0.3000 nats/token better than the control in "
-        "this run; 2 seed(s) cannot show that thinking helps (run --seeds with 3 or more).")
+    assert summary["verdicts"][0] == ("Overall: with thinking the model was 0.3000 nats/token "
+                                      "better than the control (mean of 2 seed(s)).")
+    assert summary["verdict_line"] == (
+        "Verdict (2 seeds): with thinking the model was 0.3000 nats/token better than the "
+        "control overall and 1.2000 nats/token better on the hardest decile; fewer than 3 seeds "
+        "cannot show that thinking helps (run --seeds=0,1,2).")
     json.dumps(summary, allow_nan=False)
 
 
