@@ -10,8 +10,10 @@ stops with an error naming them, rather than silently starting afresh.
 from __future__ import annotations
 
 import json
+import logging as python_logging
 import os
 import signal
+import sys
 from typing import Any
 
 import grain
@@ -29,6 +31,31 @@ CONFIG_FILE = "config.json"  # the resolved run config, to rebuild the model for
 
 class CheckpointError(ValueError):
     """No saved step of a workdir can be restored."""
+
+
+def _quiet_restore_noise() -> None:
+    """Drop what an unreadable step makes the libraries print besides its one warning from
+    `Checkpoints.restore`: the "Event loop is closed" errors of TensorStore's callbacks once
+    orbax has closed its event loop (through sys.excepthook or sys.unraisablehook, pages of
+    them), and asyncio's "Task exception was never retrieved" for the failed reads. Every other
+    error is printed as before."""
+    python_logging.getLogger("asyncio").setLevel(python_logging.CRITICAL)
+    if getattr(sys.excepthook, "quiets_closed_loops", False):
+        return
+    closed = lambda error: isinstance(error, RuntimeError) and str(error) == (  # noqa: E731
+        "Event loop is closed")
+    previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, error, trace):
+        if not closed(error):
+            previous_except(kind, error, trace)
+
+    def unraisablehook(unraisable):
+        if not closed(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    excepthook.quiets_closed_loops = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def _split(state: dict) -> tuple[Any, dict]:
@@ -77,6 +104,7 @@ class Checkpoints:
     def restore(self, abstract_state: dict, data_iter: grain.DatasetIterator) -> dict | None:
         """The newest readable state (data_iter moved to its position), or None if none saved."""
         params, train = _split(abstract_state)
+        _quiet_restore_noise()  # an unreadable step would otherwise end in pages of tracebacks
         failed: list[tuple[int, str]] = []
         for step in sorted(self.steps(), reverse=True):
             try:

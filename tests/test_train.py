@@ -229,6 +229,23 @@ def test_held_out_files_that_do_not_fit_are_named(tmp_path):
     np.testing.assert_array_equal(heldout.read_start_loss(str(tmp_path)), np.arange(4))
 
 
+def test_a_truncated_checkpoint_is_one_warning_without_library_noise(reference, tmp_path, env):
+    """Truncated array files (a disk that filled up) make TensorStore's callbacks and asyncio
+    print pages of tracebacks unless silenced; the user sees the step named, then the resume."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    for f in (workdir / "checkpoints" / "8" / "params" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[:100])
+    out = train(workdir, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "starting at step 6 of 8" in out.stdout
+    assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr, \
+        out.stderr[-3000:]
+    warnings = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 3, warnings  # unreadable, moved aside, resuming from step 6
+    assert "checkpoint step 8" in warnings[0] and "unreadable" in warnings[0]
+
+
 def test_no_readable_checkpoint_is_an_error_naming_them(reference, tmp_path, env):
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
