@@ -37,12 +37,12 @@ def _write(path: epath.Path, save, value) -> None:
     staging.replace(path)
 
 
-def _read(path: epath.Path):
+def _read(path: epath.Path, fix: str = "delete it to choose the held-out set again, or start "
+          "a new workdir"):
     try:
         return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is unreadable ({e}): delete it to choose the held-out set "
-                         "again, or start a new workdir") from None
+        raise ValueError(f"{path} is unreadable ({e}): {fix}") from None
 
 
 def read_rows(workdir: str) -> dict[str, np.ndarray] | None:
@@ -98,7 +98,8 @@ def read_losses(workdir: str, step: int) -> dict[str, np.ndarray]:
     path = directory(workdir) / f"losses_{step}.npz"
     if not path.exists():
         raise ValueError(f"{path} does not exist: no evaluation at step {step} in {workdir}")
-    saved = _read(path)
+    saved = _read(path, "that evaluation's losses are lost; evaluate the step's checkpoint "
+                  "again, or start a new workdir")
     return {k: saved[k] for k in ("base", "talk")}
 
 
