@@ -66,10 +66,11 @@ def main() -> None:
         argv = ["qstar_jax.train", f"--config={args.config}",
                 f"--compile_only={args.accelerator}", f"--config.model.path={stub}", *rest]
         print(" ".join(["python -m", *argv]), file=sys.stderr, flush=True)
-        from qstar_jax import train
+        from qstar_jax import cli, train
 
         sys.argv = argv  # config_flags reads the --config.KEY overrides from sys.argv
-        app.run(train.main, flags_parser=train.parse_flags)
+        train.define_flags()
+        app.run(train.main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -206,3 +206,14 @@ def read_tokenizer(directory: epath.Path) -> tokenizer_lib.Tokenizer:
         convert.copy_files(directory, epath.Path(tmp))
         return tokenizer_lib.load(tmp)
 
+
+def check_run_config(config: ml_collections.ConfigDict) -> None:
+    """Reject run settings no run can use, naming them."""
+    for key in ("train_steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
+                "checkpoint_keep", "eval_batches"):
+        if config[key] < 1:
+            raise ValueError(f"{key}={config[key]} must be >= 1")
+    if config.eval_every < 0:
+        raise ValueError(f"eval_every={config.eval_every} must be >= 0 (0: only at start and end)")
+    if config.optim.grad_accum_steps < 1:
+        raise ValueError(f"optim.grad_accum_steps={config.optim.grad_accum_steps} must be >= 1")

@@ -27,8 +27,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from qstar_jax import cli, heldout, logs, outputs, report, train
 from qstar_jax import config as config_lib
-from qstar_jax import heldout, outputs, report, train
 
 ARMS = ("quiet_star", "control")
 MIN_SEEDS = 3  # a claim that thinking helps needs at least this many seeds
@@ -120,7 +120,7 @@ def read_seed(dirs: dict[str, str], seed: int, final_step: int) -> SeedResult:
     qs = heldout.read_losses(dirs["quiet_star"], final_step)
     control = heldout.read_losses(dirs["control"], final_step)
     curves = {arm: _records(dirs[arm]) for arm in ARMS}
-    thoughts_path = epath.Path(dirs["quiet_star"]) / train.THOUGHTS_FILE
+    thoughts_path = epath.Path(dirs["quiet_star"]) / logs.THOUGHTS_FILE
     samples = [json.loads(line) for line in thoughts_path.read_text().splitlines()]
     return SeedResult(seed=seed, start=start["quiet_star"], control=control["base"],
                       base=qs["base"], think=qs["talk"][0], talk=qs["talk"], curves=curves,
@@ -129,7 +129,7 @@ def read_seed(dirs: dict[str, str], seed: int, final_step: int) -> SeedResult:
 
 
 def _records(workdir: str) -> list[dict]:
-    path = epath.Path(workdir) / train.METRICS_FILE
+    path = epath.Path(workdir) / logs.METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -299,13 +299,13 @@ def main(argv: list[str]) -> None:
     try:
         seeds = [int(s) for s in seeds]
     except ValueError:
-        train.fail(f"--seeds={','.join(seeds)}: expected integers such as 0,1,2", 2)
+        cli.fail(f"--seeds={','.join(seeds)}: expected integers such as 0,1,2", 2)
     try:
         run(config, workdir, seeds)
     except (ValueError, FileNotFoundError, train.NonFiniteLoss, Interrupted) as e:
-        train.fail(str(e))
+        cli.fail(str(e))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=train.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

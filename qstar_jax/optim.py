@@ -1,8 +1,9 @@
-"""The optimizer: AdamW with linear warmup, global-norm clipping and optional gradient accumulation.
+"""The optimizer: AdamW with linear warmup, a learning-rate schedule and global-norm clipping.
 
 Defaults are the Quiet-STaR paper's (lr 1e-6, 20 warmup steps, weight decay 0.001, clip 1.0,
 constant after warmup) and match the authors' Hugging Face Trainer run: torch AdamW (betas 0.9,
-0.999, eps 1e-8), the mean gradient of the accumulated micro-batches clipped, then one update.
+0.999, eps 1e-8), the mean gradient of the accumulated micro-batches clipped, then one update
+(the accumulation is in `steps.train_step`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
         b2=0.999,
         eps=1e-8,
         grad_clip_norm=1.0,  # global-norm clipping of the (accumulated) gradient; 0: none
-        grad_accum_steps=1,  # micro-batches averaged per update (optax.MultiSteps when > 1)
+        grad_accum_steps=1,  # micro-batches averaged per update (steps.train_step sums them)
     ))
 
 
@@ -67,16 +68,10 @@ def _decay_mask(params):
 def make_optimizer(config: ml_collections.ConfigDict,
                    train_steps: int) -> optax.GradientTransformation:
     """AdamW per `config` (see `default_config`); `train_steps` counts optimizer updates."""
-    if config.grad_accum_steps < 1:
-        raise ValueError(f"optim.grad_accum_steps={config.grad_accum_steps} must be >= 1")
     if config.grad_clip_norm < 0:
         raise ValueError(f"optim.grad_clip_norm={config.grad_clip_norm} must be >= 0 (0: none)")
     adamw = optax.adamw(learning_rate_fn(config, train_steps), b1=config.b1, b2=config.b2,
                         eps=config.eps, weight_decay=config.weight_decay, mask=_decay_mask)
     # torch clips by max_norm / (norm + 1e-6); optax by max_norm / norm: equal to ~1e-6 relative.
-    chain = (optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-             if config.grad_clip_norm else adamw)
-    if config.grad_accum_steps == 1:
-        return chain
-    accumulate = optax.MultiSteps(chain, every_k_schedule=config.grad_accum_steps)
-    return accumulate.gradient_transformation()
+    return (optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+            if config.grad_clip_norm else adamw)

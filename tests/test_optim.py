@@ -2,7 +2,6 @@
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -47,8 +46,6 @@ def test_bad_settings_are_named():
         optim.make_optimizer(config(schedule="step"), 100)
     with pytest.raises(ValueError, match="train_steps=20.*optim.warmup_steps=20"):
         optim.make_optimizer(config(schedule="cosine"), 20)
-    with pytest.raises(ValueError, match="optim.grad_accum_steps=0"):
-        optim.make_optimizer(config(grad_accum_steps=0), 100)
 
 
 def numpy_adamw(params, grads_per_step, *, lr_at, b1, b2, eps, wd, clip, decays):
@@ -114,24 +111,3 @@ def test_clipping_scales_a_known_norm_exactly():
     np.testing.assert_allclose(updates["w"], [-1.2 / 2.2, -1.6 / 2.6], rtol=1e-6)
     updates, _ = opt.update({"w": jnp.array([0.3, 0.4])}, opt.init(params), params)  # below: kept
     np.testing.assert_allclose(updates["w"], [-0.3 / 1.3, -0.4 / 1.4], rtol=1e-6)
-
-
-def test_gradient_accumulation_equals_one_step_on_the_mean():
-    rng = np.random.default_rng(1)
-    params = tree(rng.normal(size=(3, 4)), rng.normal(size=4), rng.normal(size=5))
-    micro = [[tree(rng.normal(size=(3, 4)), rng.normal(size=4), rng.normal(size=5))
-              for _ in range(3)] for _ in range(2)]
-    base = dict(learning_rate=0.05, warmup_steps=1, weight_decay=0.1, grad_clip_norm=0.7)
-    accumulated = optim.make_optimizer(config(grad_accum_steps=3, **base), 10)
-    state = accumulated.init(params)
-    got = params
-    for update in micro:
-        for k, grads in enumerate(update):
-            step, state = accumulated.update(grads, state, got)
-            new = optax.apply_updates(got, step)
-            if k < 2:  # nothing moves until the third micro-batch
-                jax.tree.map(np.testing.assert_array_equal, new, got)
-            got = new
-    means = [jax.tree.map(lambda *g: sum(g) / 3, *update) for update in micro]
-    want = run(optim.make_optimizer(config(**base), 10), params, means)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)

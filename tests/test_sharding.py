@@ -83,7 +83,7 @@ MESHES_SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh, PartitionSpec as P
     sys.path.insert(0, sys.argv[3])
     import tiny
-    from qstar_jax import config as config_lib, sharding, train
+    from qstar_jax import config as config_lib, sharding, steps
 
     config = tiny.get_config()
     config.update_from_flattened_dict(json.loads(sys.argv[1]))
@@ -108,7 +108,7 @@ MESHES_SCRIPT = textwrap.dedent("""
               s, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
               for s in shapes}
     for name, mesh in meshes.items():
-        trainer = train.build(config, model, mesh)
+        trainer = steps.build(config, model, mesh)
         state = trainer.init_state(config.seed)
         losses = []
         for b in batches:

@@ -350,6 +350,7 @@ def test_help_exits_0_and_shows_how_to_set_config_keys(tmp_path):
     ({"model.source": "hf"}, r"model.source='hf' needs model.path"),
     ({"quiet_star.n_ahead": 2}, "n_ahead=2: a thought needs n_ahead >= 3"),
     ({"checkpoint_every": 0}, "checkpoint_every=0 must be >= 1"),
+    ({"optim.grad_accum_steps": 0}, "optim.grad_accum_steps=0 must be >= 1"),
 ])
 def test_bad_settings_are_value_errors_naming_them(tmp_path, overrides, message):
     from tiny import get_config
@@ -557,14 +558,14 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[2])
     from tiny import get_config
-    from qstar_jax import train
+    from qstar_jax import compile_check
 
     config = get_config()
     config.update_from_flattened_dict(json.loads(sys.argv[1]))
-    out = {"large": train.compile_only(config, "cpu", hbm_bytes=2**40)}
+    out = {"large": compile_check.compile_only(config, "cpu", hbm_bytes=2**40)}
     try:
-        train.compile_only(config, "cpu", hbm_bytes=2**20)
-    except train.DoesNotFit as e:
+        compile_check.compile_only(config, "cpu", hbm_bytes=2**20)
+    except compile_check.DoesNotFit as e:
         out["small"] = {"message": str(e), "report": e.report}
     print("RESULT" + json.dumps(out))
 """)
@@ -602,16 +603,16 @@ def test_compile_only_devices_of_v4_slices_are_chips():
     installed, else an error saying that it is needed)."""
     import importlib.util
 
-    from qstar_jax import train
+    from qstar_jax import compile_check
 
     with pytest.raises(ValueError, match="expected cpu, a TPU v4 slice"):
-        train.compile_devices("v4-12")
+        compile_check.compile_devices("v4-12")
     if importlib.util.find_spec("libtpu") is None:
         with pytest.raises(ValueError, match=r"no TPU topology v4:2x2x4 .*pip install libtpu"):
-            train.compile_devices("v4-32")
+            compile_check.compile_devices("v4-32")
         return
     for name, topology, chips in (("v4-32", "v4:2x2x4", 16), ("v4-64", "v4:2x4x4", 32)):
-        found, devices = train.compile_devices(name)
+        found, devices = compile_check.compile_devices(name)
         assert (found, len(devices), devices[0].device_kind) == (topology, chips, "TPU v4")
 
 

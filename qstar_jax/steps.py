@@ -1,0 +1,138 @@
+"""The train step and the eval step, and their sharded, jitted forms for one mesh.
+
+`train_step` and `eval_step` are plain functions of explicit state, as in Flax's lm1b: a
+`Trainer` only binds them to a run's settings and shardings and jits them.
+
+Shapes: A micro-batches per update, B batch rows, L positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from qstar_jax import config as config_lib
+from qstar_jax import optim, sharding
+from qstar_jax.model import Params
+from qstar_jax.objective import quiet_star_loss
+from qstar_jax.scoring import TokenLosses, token_losses
+from qstar_jax.thoughts import QuietStarConfig
+
+State = dict  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
+
+
+def train_step(state: State, batch_ABL: dict, *, cfg: QuietStarConfig,
+               optimizer: optax.GradientTransformation) -> tuple[State, dict]:
+    """One optimizer update from the A micro-batches {"tokens", "mask"} [A, B, L].
+
+    Gradient accumulation happens here: the micro-batches' gradients are summed in a scan (each
+    with its own key) and their mean is the one update applied. `grad_norm` is the norm of that
+    mean, before clipping; the other metrics are means over the micro-batches.
+    """
+    params = state["params"]
+    rng, step_rng = jax.random.split(state["rng"])
+    n_micro = batch_ABL["tokens"].shape[0]
+    keys = jax.random.split(step_rng, n_micro)
+
+    def accumulate(grad_sum, micro):
+        micro_batch, key = micro
+        (_, metrics), grads = jax.value_and_grad(quiet_star_loss, has_aux=True)(
+            params, micro_batch, key, cfg)
+        return jax.tree.map(jnp.add, grad_sum, grads), metrics
+
+    grad_sum, metrics = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params),
+                                     (batch_ABL, keys))
+    grads = grad_sum if n_micro == 1 else jax.tree.map(lambda g: g / n_micro, grad_sum)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1, "rng": rng}
+    return new_state, metrics
+
+
+def eval_step(params: Params, batch_BL: dict, rng: jax.Array, *,
+              cfg: QuietStarConfig) -> TokenLosses:
+    """Per-token held-out losses of a batch {"tokens", "mask"} [B, L] (`scoring.token_losses`)."""
+    return token_losses(params, batch_BL["tokens"], batch_BL["mask"], rng, cfg)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A run's steps on one mesh, jitted with their shardings (each compiles at its first call).
+
+    train_step(state, batch) -> (state, metrics), batch [A, B, L]; the state is donated.
+    eval_step(params, batch, rng) -> TokenLosses of a held-out batch [B, L].
+    lower_train_step(batch) -> train_step lowered for `abstract_state` and a batch of
+    ShapeDtypeStructs (ahead-of-time compilation, e.g. for devices that are not attached).
+    """
+
+    model: config_lib.Model
+    mesh: Mesh
+    abstract_state: State  # ShapeDtypeStructs carrying their shardings
+    init_state: Callable[[int], State]
+    train_step: Callable[[State, dict], tuple[State, dict]]
+    eval_step: Callable[[dict, dict, jax.Array], TokenLosses]
+    lower_train_step: Callable[[dict], jax.stages.Lowered]
+
+
+def build(config: ml_collections.ConfigDict, model: config_lib.Model, mesh: Mesh) -> Trainer:
+    """Shardings of the state, then the init, train and eval functions for `mesh`."""
+    cfg = model.cfg
+    optimizer = optim.make_optimizer(config.optim, config.train_steps)
+    abstract_params = config_lib.abstract_params(model)
+    param_shardings = sharding.shardings(sharding.logical_specs(cfg), abstract_params, mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = {
+        "params": param_shardings,
+        "opt_state": sharding.optimizer_shardings(optimizer, abstract_opt, param_shardings, mesh),
+        "step": replicated, "rng": replicated,
+    }
+    abstract = {"params": abstract_params, "opt_state": abstract_opt,
+                "step": jax.ShapeDtypeStruct((), jnp.int32),
+                "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, state_shardings)
+
+    def fresh_state(params, seed):
+        return {"params": params, "opt_state": optimizer.init(params),
+                "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
+
+    def init_state(seed: int) -> State:
+        """A new state, created directly sharded (random) or from host weights put leaf by leaf."""
+        with sharding.activate(mesh):
+            if model.load is None:
+                fn = lambda: fresh_state(  # noqa: E731
+                    config_lib.random_params(cfg, model.init_token_id, jax.random.key(seed)), seed)
+                return jax.jit(fn, out_shardings=state_shardings)()
+            params = sharding.put(model.load(), param_shardings)
+            return jax.jit(fresh_state, static_argnums=1, donate_argnums=0,
+                           out_shardings=state_shardings)(params, seed)
+
+    micro_batches = sharding.batch_sharding(mesh, 1)  # [A, B, L]
+    train_jit = jax.jit(functools.partial(train_step, cfg=cfg, optimizer=optimizer),
+                        in_shardings=(state_shardings, micro_batches),
+                        out_shardings=(state_shardings, replicated), donate_argnums=0)
+    eval_jit = jax.jit(functools.partial(eval_step, cfg=cfg),
+                       in_shardings=(param_shardings, sharding.batch_sharding(mesh), replicated))
+
+    def on_mesh(fn):
+        def call(*args):
+            with sharding.activate(mesh):  # traced and compiled at the first call
+                return fn(*args)
+        return call
+
+    def lower_train_step(batch: dict) -> jax.stages.Lowered:
+        with sharding.activate(mesh):
+            return train_jit.lower(abstract, batch)
+
+    return Trainer(model, mesh, abstract, init_state, on_mesh(train_jit), on_mesh(eval_jit),
+                   lower_train_step)
