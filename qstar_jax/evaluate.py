@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax import generate, outputs
+from qstar_jax import generate, outputs, scoring
+from qstar_jax import tokenizer as tokenizer_lib
 from qstar_jax.model import Params
-from qstar_jax.thoughts import QuietStarConfig, rollout
+from qstar_jax.thoughts import QuietStarConfig
 
 TASKS = ("gsm8k", "csqa")
 SYMBOLS = {"gsm8k": "0123456789", "csqa": "ABCDE"}  # allowed answer symbols, plus newline
@@ -146,30 +147,6 @@ def direct_prompt(example: Example) -> str:
     return f"Q: {example.question}\nA:"
 
 
-def eval_config(cfg: QuietStarConfig, thinking: bool) -> QuietStarConfig:
-    """Evaluation semantics: one rationale, only the end-of-thought pass mixed; n_ahead 1: off."""
-    return cfg.replace(n_ahead_talk=1, n_passes=1, **({} if thinking else {"n_ahead": 1}))
-
-
-def token_pieces(tokenizer, context: Sequence[int], ids: Sequence[int]) -> list[str]:
-    """The text each of `ids` adds after `context`, decoded in place (leading spaces kept).
-
-    A token that ends inside a multi-byte character adds "" and the one completing it the whole
-    character, so the pieces always join to the decoded text.
-    """
-    pieces, stable = [], tokenizer.decode(list(context))
-    for i in range(len(ids)):
-        text = tokenizer.decode([*context, *ids[:i + 1]])
-        if text.endswith("\ufffd") or not text.startswith(stable):
-            pieces.append("")  # an incomplete character: wait for the rest
-            continue
-        pieces.append(text[len(stable):])
-        stable = text
-    if pieces:
-        pieces[-1] += tokenizer.decode([*context, *ids])[len(stable):]  # a truncated tail
-    return pieces
-
-
 def answer_tokens(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, list[str]]:
     """(ids of prompt + " answer\\n", index of the first answer token, its tokens' pieces).
 
@@ -181,7 +158,7 @@ def answer_tokens(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, 
     if ids[:len(head)] != head:
         raise ValueError(f"the tokenizer merges the end of {prompt[-20:]!r} with the answer "
                          f"{answer!r}: the answer tokens cannot be told apart")
-    pieces = token_pieces(tokenizer, head, ids[len(head):])
+    pieces = tokenizer_lib.token_pieces(tokenizer, head, ids[len(head):])
     start = len(head)
     while pieces and pieces[0].isspace() and "\n" not in pieces[0]:
         pieces.pop(0)
@@ -209,14 +186,13 @@ def allowed_ids(tokenizer, task: str) -> np.ndarray:
     return np.array(sorted(found), np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg", "thinking"))
 def _allowed_logprobs(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.Array,
-                      allowed_A: jax.Array, cfg: QuietStarConfig):
+                      allowed_A: jax.Array, cfg: QuietStarConfig, thinking: bool):
     """Log-probs [B, L, A] renormalised over the allowed ids: (base, thinking or None)."""
-    out = rollout(params, tokens_BL, mask_BL, rng, cfg, return_talk_logits=cfg.thinks)
+    base, think = scoring.next_token_logits(params, tokens_BL, mask_BL, rng, cfg, thinking)
     renorm = lambda logits: jax.nn.log_softmax(logits[..., allowed_A], -1)  # noqa: E731
-    base = renorm(out.base_logits)
-    return base, renorm(out.talk_logits[:, 0, 0]) if cfg.thinks else None
+    return renorm(base), None if think is None else renorm(think)
 
 
 def _score(logp_LA: np.ndarray, ids: Sequence[int], positions: Sequence[int],
@@ -239,7 +215,6 @@ def score_direct(params: Params, cfg: QuietStarConfig, tokenizer, examples: Sequ
         ids, start, _ = answer_tokens(tokenizer, direct_prompt(ex), ex.answer)
         positions = [i for i in range(start, len(ids)) if ids[i] in index_of]
         encoded.append((ids, positions))
-    ecfg = eval_config(cfg, thinking)
     results = []
     for first in range(0, len(encoded), batch_size):
         chunk = encoded[first:first + batch_size]
@@ -251,7 +226,7 @@ def score_direct(params: Params, cfg: QuietStarConfig, tokenizer, examples: Sequ
         rng = jax.random.fold_in(jax.random.key(seed), first)
         base, think = jax.device_get(_allowed_logprobs(params, jnp.asarray(tokens),
                                                        jnp.asarray(mask), rng,
-                                                       jnp.asarray(allowed), ecfg))
+                                                       jnp.asarray(allowed), cfg, thinking))
         for row, (ids, positions) in enumerate(chunk):
             result = {"answer_tokens": len(positions),
                       "no_thinking": _score(base[row], ids, positions, index_of)}

@@ -1,5 +1,6 @@
-"""Per-token held-out losses under the evaluation semantics: the base pass, and thinking at every
-position before predicting the next tokens (one rationale; the spec's "Evaluation semantics").
+"""The evaluation semantics, written once: the base pass, and thinking at every position before
+predicting the next tokens (one rationale; the spec's "Evaluation semantics"). Training's held-out
+losses, `evaluate`, `visualize` and the experiment all score through this module.
 
 Shapes: B batch, L positions, T talk offsets, S sampled thought tokens.
 """
@@ -14,10 +15,11 @@ from qstar_jax.model import Params
 from qstar_jax.thoughts import QuietStarConfig, _shift, rollout, token_logprob
 
 
-def evaluation_config(cfg: QuietStarConfig) -> QuietStarConfig:
-    """One rationale per position; the talk offsets of training kept, so that the loss at each
-    offset can be read (offset 0 is "think, then predict x[j+1]")."""
-    return cfg.replace(n_passes=1)
+def evaluation_config(cfg: QuietStarConfig, talk_offsets: bool = True) -> QuietStarConfig:
+    """One rationale per position. `talk_offsets`: the talk offsets of training are kept, so that
+    the loss at each can be read; else only offset 0 ("think, then predict x[j+1]"), which they
+    do not change, is computed."""
+    return cfg.replace(n_passes=1, **({} if talk_offsets else {"n_ahead_talk": 1}))
 
 
 @flax.struct.dataclass
@@ -40,9 +42,9 @@ class TokenLosses:
 
 
 def token_losses(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.Array,
-                 cfg: QuietStarConfig) -> TokenLosses:
+                 cfg: QuietStarConfig, talk_offsets: bool = True) -> TokenLosses:
     """Per-token losses of a batch [B, L] (`cfg` as trained; see `evaluation_config`)."""
-    cfg = evaluation_config(cfg)
+    cfg = evaluation_config(cfg, talk_offsets)
     ro = rollout(params, tokens_BL, mask_BL, rng, cfg)
     t_talk = cfg.n_ahead_talk if cfg.thinks else 1
     valid_BTL = jnp.stack([_shift(mask_BL, t + 1, False) for t in range(t_talk)], 1)
@@ -51,3 +53,15 @@ def token_losses(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: 
     talk_BTL = -ro.talk_logprobs[:, 0] if cfg.thinks else base_BL[:, None]
     return TokenLosses(base=base_BL, talk=jnp.where(valid_BTL, talk_BTL, 0.0), valid=valid_BTL,
                        thoughts=ro.thought_tokens[:, 0])
+
+
+def next_token_logits(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.Array,
+                      cfg: QuietStarConfig, thinking: bool = True
+                      ) -> tuple[jax.Array, jax.Array | None]:
+    """Logits [B, L, V] for x[j+1] at each position j: (base, after thinking at j, or None when
+    not `thinking` or the model does not think; then no thought is sampled)."""
+    cfg = evaluation_config(cfg, talk_offsets=False)
+    if not thinking:
+        cfg = cfg.replace(n_ahead=1)
+    ro = rollout(params, tokens_BL, mask_BL, rng, cfg, return_talk_logits=cfg.thinks)
+    return ro.base_logits, ro.talk_logits[:, 0, 0] if cfg.thinks else None

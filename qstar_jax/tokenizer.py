@@ -466,3 +466,22 @@ def _check_text(text: str) -> str:
     except UnicodeEncodeError as e:
         raise ValueError(f"text is not valid Unicode at position {e.start}: {e.reason}") from e
     return text
+
+
+def token_pieces(tokenizer: Tokenizer, context: Sequence[int], ids: Sequence[int]) -> list[str]:
+    """The text each of `ids` adds after `context`, decoded in place (leading spaces kept).
+
+    A token that ends inside a multi-byte character adds "" and the one completing it the whole
+    character, so the pieces always join to the decoded text.
+    """
+    pieces, stable = [], tokenizer.decode(list(context))
+    for i in range(len(ids)):
+        text = tokenizer.decode([*context, *ids[:i + 1]])
+        if text.endswith("\ufffd") or not text.startswith(stable):
+            pieces.append("")  # an incomplete character: wait for the rest
+            continue
+        pieces.append(text[len(stable):])
+        stable = text
+    if pieces:
+        pieces[-1] += tokenizer.decode([*context, *ids])[len(stable):]  # a truncated tail
+    return pieces

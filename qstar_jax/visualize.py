@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax import generate, outputs
-from qstar_jax.evaluate import eval_config, token_pieces
+from qstar_jax import generate, outputs, scoring
 from qstar_jax.model import Params
-from qstar_jax.thoughts import QuietStarConfig, rollout, token_logprob
+from qstar_jax.thoughts import QuietStarConfig
+from qstar_jax.tokenizer import token_pieces
 
 
 @dataclasses.dataclass
@@ -39,10 +39,8 @@ class TokenScore:
 def _window(params: Params, tokens_1W: jax.Array, mask_1W: jax.Array, rng: jax.Array,
             cfg: QuietStarConfig):
     """Per position j: log p_mixed(x[j+1]), log p_base(x[j+1]), the thought at j [W, S]."""
-    out = rollout(params, tokens_1W, mask_1W, rng, cfg)
-    next_1W = jnp.concatenate([tokens_1W[:, 1:], tokens_1W[:, :1]], axis=1)
-    return out.talk_logprobs[0, 0, 0], token_logprob(out.base_logits, next_1W)[0], \
-        out.thought_tokens[0, 0]
+    losses = scoring.token_losses(params, tokens_1W, mask_1W, rng, cfg, talk_offsets=False)
+    return -losses.think[0], -losses.base[0], losses.thoughts[0]
 
 
 def score_text(params: Params, cfg: QuietStarConfig, tokenizer, text: str, window: int = 256,
@@ -60,7 +58,6 @@ def score_text(params: Params, cfg: QuietStarConfig, tokenizer, text: str, windo
     ids = bos + tokenizer.encode(text)
     if len(ids) == len(bos):
         raise ValueError("the text has no tokens")
-    ecfg = eval_config(cfg, thinking=True)
     scores: dict[int, tuple[float, float, list[int]]] = {}
     for n, start in enumerate(range(0, max(len(ids) - 1, 1), window - 1)):
         chunk = ids[start:start + window]
@@ -69,7 +66,7 @@ def score_text(params: Params, cfg: QuietStarConfig, tokenizer, text: str, windo
         mask = np.arange(window)[None] < len(chunk)
         mixed, base, thoughts = jax.device_get(_window(
             params, jnp.asarray(tokens), jnp.asarray(mask),
-            jax.random.fold_in(jax.random.key(seed), n), ecfg))
+            jax.random.fold_in(jax.random.key(seed), n), cfg))
         for j in range(len(chunk) - 1):
             scores[start + j + 1] = (float(mixed[j]), float(base[j]), thoughts[j].tolist())
     pieces = token_pieces(tokenizer, bos, ids[len(bos):])
