@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from qstar_jax import checkpoint, data, heldout, optim, outputs, sharding
+from qstar_jax import checkpoint, data, heldout, loading, optim, outputs, sharding
 from qstar_jax import config as config_lib
 from qstar_jax.objective import quiet_star_loss
 from qstar_jax.scoring import TokenLosses, token_losses
@@ -66,7 +66,7 @@ class Trainer:
     ShapeDtypeStructs (ahead-of-time compilation, e.g. for devices that are not attached).
     """
 
-    model: config_lib.Model
+    model: loading.Model
     mesh: Mesh
     abstract_state: State  # ShapeDtypeStructs carrying their shardings
     init_state: Callable[[int], State]
@@ -75,12 +75,12 @@ class Trainer:
     lower_train_step: Callable[[dict], jax.stages.Lowered]
 
 
-def build(config: ml_collections.ConfigDict, model: config_lib.Model, mesh: Mesh) -> Trainer:
+def build(config: ml_collections.ConfigDict, model: loading.Model, mesh: Mesh) -> Trainer:
     """Shardings of the state, then the init, train and eval functions for `mesh` (each compiles
     at its first call)."""
     cfg = model.cfg
     optimizer = optim.make_optimizer(config.optim, config.train_steps)
-    abstract_params = config_lib.abstract_params(model)
+    abstract_params = loading.abstract_params(model)
     param_shardings = sharding.shardings(sharding.logical_specs(cfg), abstract_params, mesh)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -104,7 +104,7 @@ def build(config: ml_collections.ConfigDict, model: config_lib.Model, mesh: Mesh
         with sharding.activate(mesh):
             if model.load is None:
                 fn = lambda: fresh_state(  # noqa: E731
-                    config_lib.random_params(cfg, model.init_token_id, jax.random.key(seed)), seed)
+                    loading.random_params(cfg, model.init_token_id, jax.random.key(seed)), seed)
                 return jax.jit(fn, out_shardings=state_shardings)()
             params = sharding.put(model.load(), param_shardings)
             return jax.jit(fresh_state, static_argnums=1, donate_argnums=0,
@@ -339,7 +339,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     _say("config:\n%s", config)
     _say("mesh: %s", sharding.describe(mesh))
     checkpoint.save_config(workdir, config)
-    model = config_lib.load_model(config, workdir)
+    model = loading.load_model(config, workdir)
     check_batch(model.cfg, config.seq_len)
     trainer = build(config, model, mesh)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
@@ -545,7 +545,7 @@ def compile_only(config: ml_collections.ConfigDict, accelerator: str,
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.batch_size, mesh)
     with tempfile.TemporaryDirectory() as workdir:  # a random model's tokenizer, then dropped
-        model = config_lib.load_model(config, workdir)
+        model = loading.load_model(config, workdir)
     check_batch(model.cfg, config.seq_len)
     trainer = build(config, model, mesh)
     shape = (config.optim.grad_accum_steps, config.batch_size, config.seq_len)

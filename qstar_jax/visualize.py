@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax import generate, outputs
+from qstar_jax import generate, loading, outputs
 from qstar_jax.evaluate import eval_config, token_pieces
 from qstar_jax.model import Params
 from qstar_jax.thoughts import QuietStarConfig, rollout, token_logprob
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         outputs.check_output_file(args.out)  # before the scoring, not after
         text = read_text(args.text)
-        cfg, params, tok = generate.load_checkpoint(args.checkpoint)
+        cfg, params, tok = loading.load_checkpoint(args.checkpoint)
         scores = score_text(params, cfg, tok, text, window=args.window, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
