@@ -1,19 +1,22 @@
 """Training checkpoints (orbax): save asynchronously, keep the last few, resume from the newest
-readable one, save and stop on SIGTERM, and export a saved step to Hugging Face format.
+readable one, save and stop on SIGTERM, and read a saved step's parameters back.
 
 A step holds three items: "params", "train" (optimizer state, step, rng) and "data" (the grain
 iterator's position), so a resumed run continues exactly where the saved one was. An unreadable
 newest step is set aside (never deleted) and the one before it used; if none is readable the run
-stops with an error naming them, rather than silently starting afresh.
+stops with an error naming them, rather than silently starting afresh. Reading parameters back
+(for export or use) skips unreadable steps the same way, without moving them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as python_logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -24,13 +27,11 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from qstar_jax.errors import CheckpointError, CheckpointNotFoundError
+
 CHECKPOINT_DIR = "checkpoints"
 SET_ASIDE_DIR = "unreadable_checkpoints"  # unreadable steps are moved here, never deleted
 CONFIG_FILE = "config.json"  # the resolved run config, to rebuild the model for export
-
-
-class CheckpointError(ValueError):
-    """No saved step of a workdir can be restored."""
 
 
 def _quiet_restore_noise() -> None:
@@ -60,6 +61,31 @@ def _quiet_restore_noise() -> None:
 
 def _split(state: dict) -> tuple[Any, dict]:
     return state["params"], {k: v for k, v in state.items() if k != "params"}
+
+
+def _newest_readable(steps: list[int], restore: Callable[[int], Any]
+                     ) -> tuple[int | None, Any, list[tuple[int, str]]]:
+    """Try `restore(step)` for `steps` in turn: (the first step that reads, what it restored, the
+    (step, error) of each unreadable one before it); (None, None, failures) if none reads. The
+    libraries' noise about unreadable steps is dropped."""
+    _quiet_restore_noise()  # an unreadable step would otherwise end in pages of tracebacks
+    failed: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            return step, restore(step), failed
+        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+            failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+    return None, None, failed
+
+
+def _warn_unreadable(directory: epath.Path, failed: list[tuple[int, str]]) -> None:
+    for step, message in failed:
+        logging.warning("checkpoint step %d in %s is unreadable (%s)", step, directory, message)
+
+
+def _none_readable(directory: epath.Path, failed: list[tuple[int, str]]) -> str:
+    listed = "; ".join(f"step {s}: {m}" for s, m in failed)
+    return f"no readable checkpoint in {directory} ({listed})"
 
 
 class Checkpoints:
@@ -104,28 +130,21 @@ class Checkpoints:
     def restore(self, abstract_state: dict, data_iter: grain.DatasetIterator) -> dict | None:
         """The newest readable state (data_iter moved to its position), or None if none saved."""
         params, train = _split(abstract_state)
-        _quiet_restore_noise()  # an unreadable step would otherwise end in pages of tracebacks
-        failed: list[tuple[int, str]] = []
-        for step in sorted(self.steps(), reverse=True):
-            try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(params), train=ocp.args.StandardRestore(train),
-                    data=grain.checkpoint.CheckpointRestore(data_iter)))
-            except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
-                message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                logging.warning("checkpoint step %d in %s is unreadable (%s)", step,
-                                self._manager.directory, message)
-                failed.append((step, message))
-                continue
+        step, restored, failed = _newest_readable(
+            sorted(self.steps(), reverse=True),
+            lambda step: self._manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(params), train=ocp.args.StandardRestore(train),
+                data=grain.checkpoint.CheckpointRestore(data_iter))))
+        _warn_unreadable(self._manager.directory, failed)
+        if step is None:
             if failed:
-                self._set_aside([s for s, _ in failed])
-                logging.warning("resuming from step %d instead", step)
-            return {"params": restored.params, **restored.train}
+                raise CheckpointError(f"{_none_readable(self._manager.directory, failed)}; move "
+                                      "them away to start afresh")
+            return None
         if failed:
-            listed = "; ".join(f"step {s}: {m}" for s, m in failed)
-            raise CheckpointError(f"no readable checkpoint in {self._manager.directory} ({listed});"
-                                  " move them away to start afresh")
-        return None
+            self._set_aside([s for s, _ in failed])
+            logging.warning("resuming from step %d instead", step)
+        return {"params": restored.params, **restored.train}
 
     def _set_aside(self, steps: list[int]) -> None:
         """Move unreadable steps out of the manager's way (to SET_ASIDE_DIR), keeping them."""
@@ -162,10 +181,24 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run saved in its workdir."""
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file (not a training workdir?)")
+        raise CheckpointNotFoundError(f"{path}: no such file (not a training workdir?)")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+@contextlib.contextmanager
+def _orbax_logs_off() -> Iterator[None]:
+    """Reading saved steps back, orbax logs that a read-only manager is read only, and an
+    unreadable step's file contents as errors; what matters reaches the caller as exceptions and
+    becomes one warning or error here."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.FATAL)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _read_only(workdir: str) -> ocp.CheckpointManager:
@@ -184,53 +217,45 @@ def _pick_step(manager: ocp.CheckpointManager, step: int | None) -> int:
 
 def saved_step(workdir: str, step: int | None = None) -> int:
     """`step` if the workdir has it saved (None: the newest saved step); else CheckpointError."""
-    manager = _read_only(workdir)
-    try:
-        return _pick_step(manager, step)
-    finally:
-        manager.close()
+    with _orbax_logs_off():
+        manager = _read_only(workdir)
+        try:
+            return _pick_step(manager, step)
+        finally:
+            manager.close()
 
 
 def restore_params(workdir: str, step: int | None, abstract_params: Any) -> tuple[int, Any]:
-    """(step, parameters) of a saved step (None: the newest), gathered onto the host CPU."""
-    manager = _read_only(workdir)
-    try:
-        step = _pick_step(manager, step)
-        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
-                              abstract_params)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target)))
-    finally:
-        manager.close()
-    return step, restored.params
+    """(step, parameters) of a saved step, gathered onto the host CPU.
 
-
-def load_run(workdir: str, step: int | None = None) -> tuple[int, Any, Any]:
-    """(step, model, parameters) of a saved step of a run (None: the newest).
-
-    The model is rebuilt from the run's saved config.json, after the step is found to exist.
+    `step` None: the newest readable step; each unreadable newer one is a warning and is left
+    where it is. A given `step` that cannot be read is a CheckpointError naming it.
     """
-    from qstar_jax import config as config_lib
-
-    config = load_config(workdir)
-    step = saved_step(workdir, step)
-    with jax.default_device(jax.devices("cpu")[0]):
-        model = config_lib.load_model(config, workdir)
-    _, params = restore_params(workdir, step, config_lib.abstract_params(model))
-    return step, model, params
-
-
-def export_checkpoint(workdir: str, step: int | None, out_dir: str,
-                      dtype: str = "float32") -> int:
-    """Write a saved step as a Hugging Face directory (with tokenizer and Quiet-STaR settings);
-    returns the step written."""
-    from qstar_jax import convert
-
-    step, model, params = load_run(workdir, step)
-    convert.to_hf(params, model.cfg.model, out_dir, tokenizer=model.tokenizer,
-                  quiet_star=model.cfg, dtype=dtype)
-    return step
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
+                          abstract_params)
+    with _orbax_logs_off():
+        manager = _read_only(workdir)
+        try:
+            _pick_step(manager, step)  # no saved step, or not the one asked for: an error
+            saved = sorted(manager.all_steps(), reverse=True)
+            found, restored, failed = _newest_readable(
+                saved if step is None else [step],
+                lambda s: manager.restore(s, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(target))))
+        finally:
+            manager.close()
+    if found is None and step is not None:
+        others = [s for s in sorted(saved) if s != step]
+        raise CheckpointError(
+            f"{manager.directory}: step {step} is unreadable ({failed[0][1]}); pick another of "
+            f"the saved steps {others}, or no step for the newest readable one")
+    _warn_unreadable(manager.directory, failed)
+    if found is None:
+        raise CheckpointError(_none_readable(manager.directory, failed))
+    if failed:
+        logging.warning("using step %d, the newest readable one", found)
+    return found, restored.params
 
 
 def _absolute(workdir: str) -> epath.Path:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from qstar_jax import config as config_lib
-from qstar_jax import sharding, steps
+from qstar_jax import loading, sharding, steps
 from qstar_jax.thoughts import check_batch
 
 # Cloud TPU v4 slices are named by TensorCores, two per chip; JAX runs each chip as one
@@ -91,7 +91,7 @@ def compile_only(config: ml_collections.ConfigDict, accelerator: str,
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.batch_size, mesh)
     with tempfile.TemporaryDirectory() as workdir:  # a random model's tokenizer, then dropped
-        model = config_lib.load_model(config, workdir)
+        model = loading.load_model(config, workdir)
     check_batch(model.cfg, config.seq_len)
     trainer = steps.build(config, model, mesh)
     shape = (config.optim.grad_accum_steps, config.batch_size, config.seq_len)

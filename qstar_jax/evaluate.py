@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax import generate, outputs, scoring
+from qstar_jax import generate, loading, outputs, scoring
 from qstar_jax import tokenizer as tokenizer_lib
 from qstar_jax.model import Params
 from qstar_jax.thoughts import QuietStarConfig
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.out:
             outputs.check_output_file(args.out)  # before the evaluation, not after
         examples = read_examples(args.data, args.task, args.limit)
-        cfg, params, tok = generate.load_checkpoint(args.checkpoint)
+        cfg, params, tok = loading.load_checkpoint(args.checkpoint)
         modes = (False,) if args.no_thoughts else (True, False)
         summary, records = evaluate(
             params, cfg, tok, examples, args.task, mode=args.mode, thinking_modes=modes,

@@ -27,8 +27,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from qstar_jax import cli, heldout, logs, outputs, report, train
-from qstar_jax import config as config_lib
+from qstar_jax import cli, heldout, loading, logs, outputs, report, train
 
 ARMS = ("quiet_star", "control")
 MIN_SEEDS = 3  # a claim that thinking helps needs at least this many seeds
@@ -102,7 +101,7 @@ def _share(source: str, target: str) -> None:
     src, dst = epath.Path(source), epath.Path(target)
     files = [f for f in (src / heldout.DIRECTORY).iterdir()
              if f.name in (heldout.ROWS, heldout.START_LOSS)]
-    files += list((src / config_lib.TOKENIZER_DIR).glob("*"))
+    files += list((src / loading.TOKENIZER_DIR).glob("*"))
     for f in files:
         copy = dst / f.relative_to(src)
         if not copy.exists():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 
 import flax.struct
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qstar_jax import loading
 from qstar_jax.model import Context, KeyValues, Masks, Params, visible
 from qstar_jax.thoughts import (
     QuietStarConfig,
@@ -284,44 +284,6 @@ def generate(params: Params, cfg: QuietStarConfig, tokenizer, prompts: Sequence[
             for text, toks, th, reason in zip(texts, tokens, thoughts, reasons, strict=True)]
 
 
-def load_checkpoint(path: str) -> tuple[QuietStarConfig, Params, object]:
-    """(QuietStarConfig, params, Tokenizer) of an HF-format Quiet-STaR export directory or of a
-    training workdir (its newest saved step)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    from qstar_jax import checkpoint
-
-    if os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR)):
-        return _load_workdir(path)
-    return _load_hf(path)
-
-
-def _load_hf(path: str) -> tuple[QuietStarConfig, Params, object]:
-    from qstar_jax import convert, tokenizer
-
-    model_cfg, params = convert.from_hf(path, remat_policy="none")
-    if "decoder" not in params:
-        raise ValueError(f"{path}: not a Quiet-STaR checkpoint (no start_embedding, "
-                         "end_embedding and talk_head tensors)")
-    settings = convert.read_quiet_star_settings(path)
-    tok = tokenizer.load(path)
-    settings.setdefault("pad_id", tok.pad_id)
-    cfg = QuietStarConfig(model=model_cfg, **settings)
-    ours, theirs = ((tok.start_thought_id, tok.end_thought_id),
-                    (cfg.start_thought_id, cfg.end_thought_id))
-    if ours != theirs:
-        raise ValueError(f"{path}: tokenizer thought ids {ours} differ from the checkpoint's "
-                         f"{theirs}")
-    return cfg, params, tok
-
-
-def _load_workdir(path: str) -> tuple[QuietStarConfig, Params, object]:
-    from qstar_jax import checkpoint
-
-    _, model, params = checkpoint.load_run(path)
-    return model.cfg, params, model.tokenizer
-
-
 def thought_text(tokenizer, cfg: QuietStarConfig, thought: Sequence[int]) -> str:
     """A thought as text, between its start and end tokens."""
     ids = [cfg.start_thought_id, *thought, cfg.end_thought_id]
@@ -347,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--show_thoughts and --no_thoughts exclude each other")
     try:
         sampling = Sampling(args.temperature, args.top_p)
-        cfg, params, tok = load_checkpoint(args.checkpoint)
+        cfg, params, tok = loading.load_checkpoint(args.checkpoint)
         out = generate(params, cfg, tok, [args.prompt], max_new_tokens=args.max_new_tokens,
                        sampling=sampling, thinking=not args.no_thoughts, seed=args.seed)[0]
     except (ValueError, FileNotFoundError) as e:

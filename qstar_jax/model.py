@@ -68,6 +68,25 @@ class ModelConfig:
         return self.n_layers * per_layer + self.vocab_size * d + head + d
 
 
+# ModelConfig fields a run chooses (numerics, memory); the others describe the checkpoint.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
+
+
+def check_runtime_overrides(overrides: dict) -> None:
+    """A TypeError unless `overrides` (for a config read from a checkpoint) set RUNTIME_FIELDS
+    only."""
+    unknown = sorted(set(overrides) - set(RUNTIME_FIELDS))
+    if unknown:
+        raise TypeError(f"only {', '.join(RUNTIME_FIELDS)} can be set on import, not "
+                        f"{', '.join(unknown)} (those come from the checkpoint)")
+
+
+def is_quiet_star(params: Params) -> bool:
+    """Whether `params` are a Quiet-STaR model's ({"decoder": decoder parameters, plus the thought
+    embeddings and mixing head}) rather than a plain decoder's."""
+    return "decoder" in params
+
+
 # ----------------------------------------------------------------------------- key/value context
 
 

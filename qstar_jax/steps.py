@@ -18,8 +18,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from qstar_jax import config as config_lib
-from qstar_jax import optim, sharding
+from qstar_jax import loading, optim, sharding
 from qstar_jax.model import Params
 from qstar_jax.objective import quiet_star_loss
 from qstar_jax.scoring import TokenLosses, token_losses
@@ -74,7 +73,7 @@ class Trainer:
     ShapeDtypeStructs (ahead-of-time compilation, e.g. for devices that are not attached).
     """
 
-    model: config_lib.Model
+    model: loading.Model
     mesh: Mesh
     abstract_state: State  # ShapeDtypeStructs carrying their shardings
     init_state: Callable[[int], State]
@@ -83,11 +82,11 @@ class Trainer:
     lower_train_step: Callable[[dict], jax.stages.Lowered]
 
 
-def build(config: ml_collections.ConfigDict, model: config_lib.Model, mesh: Mesh) -> Trainer:
+def build(config: ml_collections.ConfigDict, model: loading.Model, mesh: Mesh) -> Trainer:
     """Shardings of the state, then the init, train and eval functions for `mesh`."""
     cfg = model.cfg
     optimizer = optim.make_optimizer(config.optim, config.train_steps)
-    abstract_params = config_lib.abstract_params(model)
+    abstract_params = model.abstract_params()
     param_shardings = sharding.shardings(sharding.logical_specs(cfg), abstract_params, mesh)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -111,7 +110,7 @@ def build(config: ml_collections.ConfigDict, model: config_lib.Model, mesh: Mesh
         with sharding.activate(mesh):
             if model.load is None:
                 fn = lambda: fresh_state(  # noqa: E731
-                    config_lib.random_params(cfg, model.init_token_id, jax.random.key(seed)), seed)
+                    loading.random_params(cfg, model.init_token_id, jax.random.key(seed)), seed)
                 return jax.jit(fn, out_shardings=state_shardings)()
             params = sharding.put(model.load(), param_shardings)
             return jax.jit(fresh_state, static_argnums=1, donate_argnums=0,

@@ -136,7 +136,7 @@ class SentencePieceTokenizer(Tokenizer):
                            "unk_id": sp.unk_id()}
         special_ids = {k: None if i is None or i < 0 else i for k, i in special_ids.items()}
         found = tuple(self._token_id(t) for t in THOUGHT_TOKENS)
-        ids = _thought_ids(found, sp.get_piece_size(), added, self._token_id, source)
+        ids = _place_thought_ids(found, sp.get_piece_size(), added, self._token_id, source)
         super().__init__(base_vocab_size=sp.get_piece_size(), thought_ids=ids, source=source,
                          **special_ids)
         self._thought_of = dict(zip(ids, THOUGHT_TOKENS, strict=True))
@@ -188,7 +188,7 @@ class HFTokenizer(Tokenizer):
                  if t.content not in THOUGHT_TOKENS}
         base = max([tokenizer.get_vocab_size(with_added_tokens=False)] + [i + 1 for i in extra])
         found = tuple(tokenizer.token_to_id(t) for t in THOUGHT_TOKENS)
-        ids = _thought_ids(found, base, added, tokenizer.token_to_id, source)
+        ids = _place_thought_ids(found, base, added, tokenizer.token_to_id, source)
         for token, i in sorted(zip(THOUGHT_TOKENS, ids, strict=True), key=lambda x: x[1]):
             if tokenizer.token_to_id(token) is None:
                 tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
@@ -395,7 +395,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(b if b in keep else next(extra)) for b in range(256)}
 
 
-def _thought_ids(found: tuple[int | None, ...], base: int, added: dict[str, int] | None,
+def _place_thought_ids(found: tuple[int | None, ...], base: int, added: dict[str, int] | None,
                  token_id, source: str) -> tuple[int, int]:
     """Thought ids: where the vocabulary has them, else as added_tokens.json says, else after it.
 

@@ -34,6 +34,7 @@ from qstar_jax import (
     compile_check,
     data,
     heldout,
+    loading,
     logs,
     optim,
     outputs,
@@ -152,7 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     logs.say("config:\n%s", config)
     logs.say("mesh: %s", sharding.describe(mesh))
     checkpoint.save_config(workdir, config)
-    model = config_lib.load_model(config, workdir)
+    model = loading.load_model(config, workdir)
     check_batch(model.cfg, config.seq_len)
     trainer = steps.build(config, model, mesh)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax import generate, outputs, scoring
+from qstar_jax import generate, loading, outputs, scoring
 from qstar_jax.model import Params
 from qstar_jax.thoughts import QuietStarConfig
 from qstar_jax.tokenizer import token_pieces
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         outputs.check_output_file(args.out)  # before the scoring, not after
         text = read_text(args.text)
-        cfg, params, tok = generate.load_checkpoint(args.checkpoint)
+        cfg, params, tok = loading.load_checkpoint(args.checkpoint)
         scores = score_text(params, cfg, tok, text, window=args.window, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")

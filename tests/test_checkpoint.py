@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qstar_jax import checkpoint
+from qstar_jax import checkpoint, loading
+from qstar_jax.errors import CheckpointError
 
 
 def make_state(step: int) -> dict:
@@ -89,7 +90,7 @@ def test_no_readable_step_is_an_error_naming_them(tmp_path):
     for step in (1, 2):
         corrupt(tmp_path / "checkpoints" / str(step))
     ckpts = checkpoint.Checkpoints(str(tmp_path), 2)
-    with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint .*step 2: .*"
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint .*step 2: .*"
                                                          r"step 1: "):
         ckpts.restore(abstract(make_state(0)), make_iterator())
     ckpts.close()
@@ -113,7 +114,7 @@ def test_restore_params_names_a_missing_step(tmp_path):
     step, restored = checkpoint.restore_params(str(tmp_path), None, params)
     assert step == 2
     assert_state_equal(restored, make_state(2)["params"])
-    with pytest.raises(checkpoint.CheckpointError, match=r"no step 7 \(saved: \[1, 2\]\)"):
+    with pytest.raises(CheckpointError, match=r"no step 7 \(saved: \[1, 2\]\)"):
         checkpoint.restore_params(str(tmp_path), 7, params)
 
 
@@ -139,7 +140,7 @@ def test_loading_a_run_without_saved_steps_fails_before_building_the_model(tmp_p
 
     checkpoint.save_config(str(tmp_path), get_config())
     (tmp_path / checkpoint.CHECKPOINT_DIR).mkdir()
-    with pytest.raises(checkpoint.CheckpointError, match="no saved checkpoints"):
-        checkpoint.load_run(str(tmp_path))
+    with pytest.raises(CheckpointError, match="no saved checkpoints"):
+        loading.load_run(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.CHECKPOINT_DIR,
                                                           checkpoint.CONFIG_FILE]

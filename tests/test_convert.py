@@ -12,7 +12,8 @@ import safetensors.numpy
 import torch
 import transformers
 
-from qstar_jax import convert
+from qstar_jax import convert, directories, hf_checkpoint
+from qstar_jax.errors import CheckpointError, CheckpointNotFoundError
 from qstar_jax.model import Transformer
 from qstar_jax.thoughts import QuietStarConfig, add_thought_params
 
@@ -82,7 +83,7 @@ def saved(request, tmp_path_factory):
 
 def test_import_matches_transformers(saved):
     model, path, expected = saved
-    cfg, params = convert.from_hf(path)
+    cfg, params = hf_checkpoint.from_hf(path)
     assert cfg.vocab_size == SMALL["vocab_size"]
     assert cfg.n_kv_heads == model.config.num_key_value_heads
     assert cfg.tie_embeddings == model.config.tie_word_embeddings
@@ -93,8 +94,8 @@ def test_import_matches_transformers(saved):
 
 def test_export_reproduces_every_tensor(saved, tmp_path):
     model, path, expected = saved
-    cfg, params = convert.from_hf(path)
-    convert.to_hf(params, cfg, tmp_path / "out")
+    cfg, params = hf_checkpoint.from_hf(path)
+    hf_checkpoint.to_hf(params, cfg, tmp_path / "out")
     original, exported = tensors_of(path), tensors_of(tmp_path / "out")
     assert sorted(original) == sorted(exported)
     for name, w in original.items():
@@ -117,14 +118,14 @@ def test_v4_style_config(saved, tmp_path):
         config["rope_scaling"] = rope
     config["torch_dtype"] = config.pop("dtype")
     (v4 / "config.json").write_text(json.dumps(config))
-    cfg, params = convert.from_hf(v4)
-    assert cfg == convert.from_hf(path)[0]
+    cfg, params = hf_checkpoint.from_hf(v4)
+    assert cfg == hf_checkpoint.from_hf(path)[0]
     assert np.abs(our_logits(cfg, params) - expected)[MASK].max() <= 1e-4
 
 
 def test_unscanned_layers(saved):
     _, path, expected = saved
-    cfg, params = convert.from_hf(path, scan_layers=False)
+    cfg, params = hf_checkpoint.from_hf(path, scan_layers=False)
     assert not cfg.scan_layers and "layers_1" in params and "layers" not in params
     assert np.abs(our_logits(cfg, params) - expected)[MASK].max() <= 1e-4
 
@@ -132,15 +133,15 @@ def test_unscanned_layers(saved):
 def test_sharded_both_ways(tmp_path):
     model = random_hf_model(*CASES["llama_gqa"])
     model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
-    assert (tmp_path / "hf" / convert.INDEX).is_file()
+    assert (tmp_path / "hf" / hf_checkpoint.INDEX).is_file()
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
-    cfg, params = convert.from_hf(tmp_path / "hf")
+    cfg, params = hf_checkpoint.from_hf(tmp_path / "hf")
     assert np.abs(our_logits(cfg, params) - hf_logits(model))[MASK].max() <= 1e-4
 
-    convert.to_hf(params, cfg, tmp_path / "out", max_shard_size=20_000)
+    hf_checkpoint.to_hf(params, cfg, tmp_path / "out", max_shard_size=20_000)
     files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
     assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-    index = json.loads((tmp_path / "out" / convert.INDEX).read_text())
+    index = json.loads((tmp_path / "out" / hf_checkpoint.INDEX).read_text())
     exported = tensors_of(tmp_path / "out")
     assert set(index["weight_map"]) == set(exported)
     assert index["metadata"]["total_size"] == sum(w.nbytes for w in exported.values())
@@ -159,7 +160,7 @@ def quiet_star_export(tmp_path_factory):
     model = random_hf_model(*CASES["mistral_window"])
     path = tmp_path_factory.mktemp("base")
     model.save_pretrained(path)
-    base_cfg, base = convert.from_hf(path)
+    base_cfg, base = hf_checkpoint.from_hf(path)
     cfg, params = add_thought_params(base, base_cfg, init_token_id=7, rng=jax.random.key(0))
     keys = iter(jax.random.split(jax.random.key(1), 8))
     params["mixing_head"] = jax.tree.map(
@@ -168,7 +169,7 @@ def quiet_star_export(tmp_path_factory):
     qcfg = QuietStarConfig(model=cfg, start_thought_id=102, end_thought_id=101, pad_id=0,
                            n_ahead=5, n_ahead_talk=3, n_passes=1, mixing_sigmoid=True)
     out = tmp_path_factory.mktemp("qstar") / "export"
-    convert.to_hf(params, cfg, out, quiet_star=qcfg)
+    hf_checkpoint.to_hf(params, cfg, out, quiet_star=qcfg)
     return cfg, params, qcfg, out
 
 
@@ -212,11 +213,11 @@ def test_quiet_star_base_model_loads_in_transformers(quiet_star_export):
 
 def test_quiet_star_round_trip(quiet_star_export):
     cfg, params, qcfg, out = quiet_star_export
-    cfg2, params2 = convert.from_hf(out)
+    cfg2, params2 = hf_checkpoint.from_hf(out)
     assert cfg2 == cfg
     assert jax.tree.structure(params2) == jax.tree.structure(params)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, b), params, params2)))
-    settings = convert.read_quiet_star_settings(out)
+    settings = hf_checkpoint.read_quiet_star_settings(out)
     assert QuietStarConfig(model=cfg2, **settings) == qcfg
 
 
@@ -227,11 +228,11 @@ def test_quiet_star_settings_from_added_tokens_only(quiet_star_export, tmp_path)
     del config["quiet_star"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "added_tokens.json").write_text('{"<|endthought|>": 102, "<|startthought|>": 101}')
-    assert convert.read_quiet_star_settings(tmp_path) == {"start_thought_id": 101,
+    assert hf_checkpoint.read_quiet_star_settings(tmp_path) == {"start_thought_id": 101,
                                                           "end_thought_id": 102}
     (tmp_path / "added_tokens.json").write_text('{"<|startthought|>": 101, "<|endthought|>": 101}')
-    with pytest.raises(convert.CheckpointError, match="added_tokens.json"):
-        convert.read_quiet_star_settings(tmp_path)
+    with pytest.raises(CheckpointError, match="added_tokens.json"):
+        hf_checkpoint.read_quiet_star_settings(tmp_path)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -253,7 +254,7 @@ def edit_config(path, **changes):
 
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        convert.from_hf(tmp_path / "nowhere")
+        hf_checkpoint.from_hf(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("changes, key", [
@@ -263,8 +264,8 @@ def test_missing_directory(tmp_path):
 ])
 def test_unsupported_config(copy_of, changes, key):
     edit_config(copy_of, **changes)
-    with pytest.raises(convert.CheckpointError, match=rf"config\.json: .*{key}"):
-        convert.from_hf(copy_of)
+    with pytest.raises(CheckpointError, match=rf"config\.json: .*{key}"):
+        hf_checkpoint.from_hf(copy_of)
 
 
 def test_missing_tensor(copy_of):
@@ -272,9 +273,9 @@ def test_missing_tensor(copy_of):
     tensors = safetensors.numpy.load_file(file)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     safetensors.numpy.save_file(tensors, file, metadata={"format": "pt"})
-    with pytest.raises(convert.CheckpointError,
+    with pytest.raises(CheckpointError,
                        match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.up_proj"):
-        convert.from_hf(copy_of)
+        hf_checkpoint.from_hf(copy_of)
 
 
 def test_wrong_shape(copy_of):
@@ -282,14 +283,14 @@ def test_wrong_shape(copy_of):
     tensors = safetensors.numpy.load_file(file)
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
     safetensors.numpy.save_file(tensors, file, metadata={"format": "pt"})
-    with pytest.raises(convert.CheckpointError,
+    with pytest.raises(CheckpointError,
                        match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj"
                              r"\.weight' has shape \[8, 32\], expected \[16, 32\]"):
-        convert.from_hf(copy_of)
+        hf_checkpoint.from_hf(copy_of)
 
 
 def test_failed_export_leaves_nothing(copy_of, tmp_path):
-    cfg, params = convert.from_hf(copy_of)
+    cfg, params = hf_checkpoint.from_hf(copy_of)
 
     class BrokenTokenizer:
         bos_id, eos_id, pad_id = 1, 2, 2
@@ -298,10 +299,10 @@ def test_failed_export_leaves_nothing(copy_of, tmp_path):
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        convert.to_hf(params, cfg, tmp_path / "export", tokenizer=BrokenTokenizer())
+        hf_checkpoint.to_hf(params, cfg, tmp_path / "export", tokenizer=BrokenTokenizer())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     with pytest.raises(FileExistsError, match="ckpt"):
-        convert.to_hf(params, cfg, copy_of)
+        hf_checkpoint.to_hf(params, cfg, copy_of)
 
 
 def test_cli_inspect(copy_of, capsys):
@@ -345,23 +346,23 @@ def test_local_dir_copies_a_remote_directory_once(remote, copy_of, tmp_path):
     (remote / "model" / "checkpoint-10").mkdir()  # subdirectories stay behind
     (remote / "model" / "checkpoint-10" / "optimizer.pt").write_bytes(b"x")
 
-    local = convert.local_dir("fake://model/")
+    local = directories.local_dir("fake://model/")
     assert local.parent == tmp_path / "cache" / "remote" and local.name.startswith("model-")
     assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in copy_of.iterdir())
     original, copied = tensors_of(copy_of), tensors_of(local)
     assert sorted(copied) == sorted(original)
     assert all(np.array_equal(copied[n], w) for n, w in original.items())
-    assert convert.from_hf(local)[0] == convert.from_hf(copy_of)[0]
+    assert hf_checkpoint.from_hf(local)[0] == hf_checkpoint.from_hf(copy_of)[0]
 
     (remote / "model" / "config.json").write_text("changed")  # the cached copy is used as is
-    assert convert.local_dir("fake://model") == local
+    assert directories.local_dir("fake://model") == local
     assert json.loads((local / "config.json").read_text())["model_type"] == "llama"
     assert [p.name for p in local.parent.iterdir()] == [local.name]  # no partial copies left
 
-    assert convert.local_dir(str(copy_of)) == copy_of  # local paths are not copied
-    assert convert.local_dir(copy_of) == copy_of
-    with pytest.raises(convert.CheckpointNotFoundError, match="fake://nowhere"):
-        convert.local_dir("fake://nowhere")
+    assert directories.local_dir(str(copy_of)) == copy_of  # local paths are not copied
+    assert directories.local_dir(copy_of) == copy_of
+    with pytest.raises(CheckpointNotFoundError, match="fake://nowhere"):
+        directories.local_dir("fake://nowhere")
 
 
 def test_local_dir_without_the_filesystem_library_names_it(monkeypatch, tmp_path):
@@ -373,8 +374,8 @@ def test_local_dir_without_the_filesystem_library_names_it(monkeypatch, tmp_path
         raise ImportError("Please install gcsfs to access Google Storage")
 
     monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, "fake://", missing)
-    with pytest.raises(convert.CheckpointError, match=r"fake://model: .*gcsfs.*\[tpu\]"):
-        convert.local_dir("fake://model")
+    with pytest.raises(CheckpointError, match=r"fake://model: .*gcsfs.*\[tpu\]"):
+        directories.local_dir("fake://model")
 
 
 def test_local_dir_failed_copy_leaves_nothing(remote, copy_of, tmp_path):
@@ -388,11 +389,11 @@ def test_local_dir_failed_copy_leaves_nothing(remote, copy_of, tmp_path):
         dst.write(src.read())
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(convert.shutil, "copyfileobj", copy_then_fail)
+        patch.setattr(directories.shutil, "copyfileobj", copy_then_fail)
         with pytest.raises(OSError, match="connection reset"):
-            convert.local_dir("fake://model")
+            directories.local_dir("fake://model")
     assert list((tmp_path / "cache" / "remote").iterdir()) == []
-    local = convert.local_dir("fake://model")  # the next call copies everything
+    local = directories.local_dir("fake://model")  # the next call copies everything
     assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in copy_of.iterdir())
 
 
@@ -401,6 +402,7 @@ def test_load_model_reads_a_remote_hf_directory(remote, tmp_path):
     import ml_collections
 
     from qstar_jax import config as config_lib
+    from qstar_jax import loading
     from qstar_jax import tokenizer as tokenizer_lib
     from qstar_jax.model import ModelConfig, init_params
 
@@ -411,14 +413,14 @@ def test_load_model_reads_a_remote_hf_directory(remote, tmp_path):
     cfg = ModelConfig(vocab_size=tok.base_vocab_size, d_model=32, n_layers=2, n_heads=4,
                       n_kv_heads=2, ffn_dim=48, remat_policy="none")
     params = init_params(cfg, jax.random.key(0))
-    convert.to_hf(params, cfg, tmp_path / "hf", tokenizer=tok)
+    hf_checkpoint.to_hf(params, cfg, tmp_path / "hf", tokenizer=tok)
     upload(tmp_path / "hf", remote, "plain")
 
     config = ml_collections.ConfigDict(dict(
         seed=0, quiet_star=config_lib.quiet_star_defaults(n_ahead=4),
         model=dict(source="hf", path="fake://plain", dtype="float32", param_dtype="float32",
                    remat_policy="none", scan_layers=True)))
-    model = config_lib.load_model(config, str(tmp_path / "run"))
+    model = loading.load_model(config, str(tmp_path / "run"))
     assert model.cfg.model == cfg.replace(vocab_size=cfg.vocab_size + 2)
     assert model.tokenizer.encode("the cat sat") == tok.encode("the cat sat")
     loaded = model.load()["decoder"]

@@ -12,7 +12,7 @@ import sentencepiece as spm
 from test_generate import save_tiny_checkpoint
 
 from qstar_jax import evaluate as ev
-from qstar_jax import generate
+from qstar_jax import generate, loading
 from qstar_jax.model import Transformer
 from qstar_jax.thoughts import rollout
 
@@ -45,7 +45,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
-    return generate.load_checkpoint(checkpoint)
+    return loading.load_checkpoint(checkpoint)
 
 
 def test_read_gsm8k_and_both_csqa_layouts(tmp_path):

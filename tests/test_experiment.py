@@ -19,7 +19,7 @@ import transformers
 from PIL import Image
 from test_sharding import subprocess_env
 
-from qstar_jax import checkpoint, experiment, heldout, report
+from qstar_jax import experiment, heldout, loading, report
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/tiny.py, smaller (as in test_train.py); 2 seeds keep it short and still have a spread.
@@ -235,7 +235,7 @@ def test_the_control_arm_scores_transformers_cross_entropy(ran, tmp_path):
     Llama loaded from the exported control checkpoint: plain language modelling."""
     workdir, _ = ran
     control = workdir / "seed_0" / "control"
-    checkpoint.export_checkpoint(str(control), None, str(tmp_path / "hf"))
+    loading.export_checkpoint(str(control), None, str(tmp_path / "hf"))
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
                                                               dtype=torch.float32).eval()
     rows = np.load(control / "heldout" / "rows.npz")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qstar_jax import convert, generate
+from qstar_jax import generate, hf_checkpoint, loading
 from qstar_jax import tokenizer as tk
 from qstar_jax.generate import Decoder, Sampling
 from qstar_jax.model import ModelConfig, Transformer, abstract_params
@@ -238,7 +238,7 @@ def save_tiny_checkpoint(directory, seed=0, greedy_thoughts=False):
     assert (tok.start_thought_id, tok.end_thought_id) == (cfg.start_thought_id,
                                                           cfg.end_thought_id)
     cfg = cfg.replace(pad_id=tok.pad_id, greedy_thoughts=greedy_thoughts)
-    convert.to_hf(params, cfg.model, directory, tokenizer=tok, quiet_star=cfg)
+    hf_checkpoint.to_hf(params, cfg.model, directory, tokenizer=tok, quiet_star=cfg)
     return cfg, params, tok
 
 
@@ -251,52 +251,18 @@ def checkpoint(tmp_path_factory):
 
 def test_load_checkpoint_round_trip(tmp_path):
     cfg, params, _ = save_tiny_checkpoint(tmp_path / "ckpt", seed=1)
-    got_cfg, got_params, tok = generate.load_checkpoint(str(tmp_path / "ckpt"))
+    got_cfg, got_params, tok = loading.load_checkpoint(str(tmp_path / "ckpt"))
     assert got_cfg.replace(model=cfg.model) == cfg
     assert (tok.start_thought_id, tok.end_thought_id) == (cfg.start_thought_id,
                                                           cfg.end_thought_id)
     jax.tree.map(np.testing.assert_array_equal, got_params, params)
 
 
-def test_load_training_workdir(tmp_path):
-    """A workdir as training leaves it: config.json, tokenizer/ and orbax checkpoints/."""
-    import grain
-    import ml_collections
-
-    from qstar_jax import checkpoint, data
-    from qstar_jax import config as config_lib
-
-    workdir = str(tmp_path / "run")
-    rnd = random.Random(0)
-    tk.train_sentencepiece([" ".join(rnd.choice(WORDS) for _ in range(12)) for _ in range(200)],
-                           vocab_size=330, directory=str(tmp_path / "run" / "tokenizer"))
-    config = ml_collections.ConfigDict(dict(
-        seed=0, data=data.default_config(),
-        model=dict(source="random", vocab_size=330, d_model=32, n_layers=2, n_heads=4,
-                   n_kv_heads=2, ffn_dim=48, rope_theta=1e4, tie_embeddings=False,
-                   dtype="float32", param_dtype="float32", remat_policy="none",
-                   scan_layers=True),
-        quiet_star=config_lib.quiet_star_defaults(n_ahead=4)))
-    checkpoint.save_config(workdir, config)
-    model = config_lib.load_model(config, workdir)
-    rng = np.random.default_rng(0)  # any values will do; no initialiser to compile
-    params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype),
-                          config_lib.abstract_params(model))
-    saver = checkpoint.Checkpoints(workdir, keep=2)
-    saver.save(7, {"params": params, "step": 7}, iter(grain.MapDataset.range(4).to_iter_dataset()))
-    saver.close()
-
-    cfg, got, tok = generate.load_checkpoint(workdir)
-    assert cfg == model.cfg and cfg.n_ahead == 4
-    assert tok.vocab_size == cfg.model.vocab_size == 332
-    jax.tree.map(np.testing.assert_array_equal, got, params)
-
-
 def test_cli_prints_continuation_and_thoughts(checkpoint, capsys):
     generate.main(["--checkpoint", checkpoint, "--prompt", "the cat sat", "--show_thoughts",
                    "--max_new_tokens", "4"])
     printed = capsys.readouterr().out
-    cfg, params, tok = generate.load_checkpoint(checkpoint)
+    cfg, params, tok = loading.load_checkpoint(checkpoint)
     want = generate.generate(params, cfg, tok, ["the cat sat"], max_new_tokens=4)[0]
     text, thoughts = printed.split("\n--- thoughts")
     assert text == want.text + "\n"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from qstar_jax import convert
+from qstar_jax import convert, gguf_checkpoint
 from qstar_jax.model import Transformer
 
 TEXT = "The quick brown fox jumps over the lazy dog. Quiet thoughts help."
@@ -18,13 +18,13 @@ TEXT = "The quick brown fox jumps over the lazy dog. Quiet thoughts help."
 @pytest.fixture(scope="module")
 def demo():
     """(cfg, params, tokenizer) from the demo cache (converted from the GGUF on first use)."""
-    return convert.demo_model()
+    return gguf_checkpoint.demo_model()
 
 
 @pytest.fixture(scope="module")
 def hf_gguf():
     """transformers' model and tokenizer read from the same GGUF file."""
-    file = convert._demo_gguf()
+    file = gguf_checkpoint._demo_gguf()
     kwargs = dict(gguf_file=file.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         file.parent, dtype=torch.float32, **kwargs).eval()
@@ -33,7 +33,7 @@ def hf_gguf():
 
 def test_demo_cache_is_an_hf_directory(demo, qstar_cache):
     cfg, _, tok = demo
-    cache = convert.demo_cache_dir()
+    cache = gguf_checkpoint.demo_cache_dir()
     assert str(cache).startswith(qstar_cache)
     files = {p.name for p in cache.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files

@@ -83,11 +83,11 @@ MESHES_SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh, PartitionSpec as P
     sys.path.insert(0, sys.argv[3])
     import tiny
-    from qstar_jax import config as config_lib, sharding, steps
+    from qstar_jax import loading, sharding, steps
 
     config = tiny.get_config()
     config.update_from_flattened_dict(json.loads(sys.argv[1]))
-    model = config_lib.load_model(config, sys.argv[2])
+    model = loading.load_model(config, sys.argv[2])
     rng = np.random.default_rng(0)
     shape = (1, config.batch_size, config.seq_len)  # [A, B, L]
     batches = []
@@ -131,7 +131,7 @@ MESHES_SCRIPT = textwrap.dedent("""
         sys.exit()
     mesh = jax.make_mesh((1, 2, 4), sharding.MESH_AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    abstract = config_lib.abstract_params(model)
+    abstract = model.abstract_params()
     specs = sharding.shardings(sharding.logical_specs(model.cfg), abstract, mesh)
     out["vocab_over_4"] = {"vocab": model.cfg.model.vocab_size,
                            "embedding": list(specs["decoder"]["embed"]["embedding"].spec)}
@@ -142,11 +142,11 @@ MESHES_SCRIPT = textwrap.dedent("""
 def test_meshes_train_like_one_device(tmp_path, jax_cache):
     from tiny import get_config
 
-    from qstar_jax import config as config_lib
+    from qstar_jax import loading
 
     config = get_config()
     config.update_from_flattened_dict(OVERRIDES)
-    config_lib.workdir_tokenizer(config, str(tmp_path))  # shared by both subprocesses
+    loading.workdir_tokenizer(config, str(tmp_path))  # shared by both subprocesses
     # Two interpreters, one per core, split the five compilations.
     args = [json.dumps(OVERRIDES), str(tmp_path), str(ROOT / "configs")]
     procs = [start_python(MESHES_SCRIPT, [*args, json.dumps(shapes)],

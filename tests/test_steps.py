@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qstar_jax import config as config_lib
-from qstar_jax import optim, steps
+from qstar_jax import loading, optim, steps
 from qstar_jax.objective import quiet_star_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "configs"))
@@ -25,9 +24,9 @@ def setup(tmp_path, **overrides):
     config = get_config()
     config.update_from_flattened_dict({"model.n_layers": 1, "seq_len": 16, "optim.warmup_steps": 0,
                                        **overrides})
-    model = config_lib.load_model(config, str(tmp_path))
+    model = loading.load_model(config, str(tmp_path))
     optimizer = optim.make_optimizer(config.optim, config.train_steps)
-    params = config_lib.random_params(model.cfg, model.init_token_id, jax.random.key(0))
+    params = loading.random_params(model.cfg, model.init_token_id, jax.random.key(0))
     state = {"params": params, "opt_state": optimizer.init(params),
              "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)}
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from qstar_jax import convert
+from qstar_jax import hf_checkpoint
 from qstar_jax.model import ModelConfig, Transformer, init_params
 from qstar_jax.objective import quiet_star_loss
 from qstar_jax.scoring import evaluation_config, token_losses
@@ -74,7 +74,7 @@ def setup(tmp_path_factory):
     mcfg, params = tiny_model()
     cfg = qs_config(mcfg)
     path = tmp_path_factory.mktemp("hf")
-    convert.to_hf(params, mcfg, path, quiet_star=cfg)
+    hf_checkpoint.to_hf(params, mcfg, path, quiet_star=cfg)
     return cfg, params, path
 
 
@@ -190,7 +190,7 @@ class NaiveQuietStar:
 
 
 def grads_by_hf_name(grads, cfg, path):
-    convert.to_hf(grads, cfg.model, path, quiet_star=cfg)
+    hf_checkpoint.to_hf(grads, cfg.model, path, quiet_star=cfg)
     return safetensors.numpy.load_file(f"{path}/model.safetensors")
 
 

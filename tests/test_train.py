@@ -318,7 +318,7 @@ def test_mistakes_on_the_command_line_are_one_line_before_any_work(args, message
 def test_a_vocabulary_larger_than_the_text_allows_names_the_key_and_the_fix(tmp_path):
     from tiny import get_config
 
-    from qstar_jax import config as config_lib
+    from qstar_jax import loading
 
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("a cat sat.\nthe dog ran.\nhi there.\n")
@@ -327,7 +327,7 @@ def test_a_vocabulary_larger_than_the_text_allows_names_the_key_and_the_fix(tmp_
     with pytest.raises(ValueError, match=r"^model.vocab_size=384 is more than the training text "
                        r"supports .* \(at most (\d+) pieces\): set --config.model.vocab_size=\1 or "
                        "less, or give more text$"):
-        config_lib.workdir_tokenizer(config, str(tmp_path / "run"))
+        loading.workdir_tokenizer(config, str(tmp_path / "run"))
 
 
 def test_help_exits_0_and_shows_how_to_set_config_keys(tmp_path):
@@ -443,8 +443,7 @@ def test_export_writes_the_step_and_dtype_asked_for(two_processes, tmp_path, cap
     import jax.numpy as jnp
     import safetensors
 
-    from qstar_jax import checkpoint, convert
-    from qstar_jax import config as config_lib
+    from qstar_jax import checkpoint, convert, hf_checkpoint, loading
 
     out = tmp_path / "hf"
     convert.main(["to-hf", "--checkpoint", str(two_processes), "--step", "6", "--dtype",
@@ -453,11 +452,11 @@ def test_export_writes_the_step_and_dtype_asked_for(two_processes, tmp_path, cap
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with safetensors.safe_open(out / "model.safetensors", framework="numpy") as f:
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
-    exported = np.asarray(convert.from_hf(out)[1]["decoder"]["embed"]["embedding"])
+    exported = np.asarray(hf_checkpoint.from_hf(out)[1]["decoder"]["embed"]["embedding"])
     workdir = str(two_processes)
-    model = config_lib.load_model(checkpoint.load_config(workdir), workdir)
+    model = loading.load_model(checkpoint.load_config(workdir), workdir)
     for step in (6, 8):
-        _, saved = checkpoint.restore_params(workdir, step, config_lib.abstract_params(model))
+        _, saved = checkpoint.restore_params(workdir, step, model.abstract_params())
         rounded = np.asarray(saved["decoder"]["embed"]["embedding"]).astype(jnp.bfloat16)
         assert np.array_equal(exported, rounded.astype(np.float32)) == (step == 6), step
 
@@ -497,10 +496,10 @@ def test_training_resumes_from_an_exported_quiet_star_checkpoint(two_processes, 
     """model.source="hf" on the exported step-8 model: its first held-out evaluation is the one
     the run logged at step 8 (thinking included: the mixing head and thought embeddings load),
     on the same held-out set when given the run's."""
-    from qstar_jax import checkpoint
+    from qstar_jax import loading
 
     hf = tmp_path / "hf"
-    checkpoint.export_checkpoint(str(two_processes), 8, str(hf))
+    loading.export_checkpoint(str(two_processes), 8, str(hf))
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "heldout").mkdir()
@@ -625,7 +624,7 @@ def test_compile_benchmark_stub_is_mistral_7b_with_thought_tokens_added(tmp_path
     import jax
     from tpu_v4 import get_config
 
-    from qstar_jax import config as config_lib
+    from qstar_jax import loading
 
     spec = importlib.util.spec_from_file_location("tpu_compile",
                                                   ROOT / "benchmarks" / "tpu_compile.py")
@@ -633,12 +632,12 @@ def test_compile_benchmark_stub_is_mistral_7b_with_thought_tokens_added(tmp_path
     spec.loader.exec_module(bench)
     config = get_config()
     config.model.path = str(bench.write_stub(tmp_path / "mistral"))
-    model = config_lib.load_model(config, str(tmp_path))
+    model = loading.load_model(config, str(tmp_path))
     m = model.cfg.model
     assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim,
             m.sliding_window, m.tie_embeddings) == (32002, 4096, 32, 32, 8, 14336, 4096, False)
     assert (model.cfg.start_thought_id, model.cfg.end_thought_id, model.cfg.pad_id) == \
         (32000, 32001, 2)
     assert (model.cfg.n_ahead, model.cfg.n_ahead_talk, model.cfg.n_passes) == (12, 4, 2)
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(config_lib.abstract_params(model)))
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.abstract_params()))
     assert 7.2e9 < n_params < 7.4e9

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_generate import save_tiny_checkpoint
 
-from qstar_jax import generate, visualize
+from qstar_jax import loading, visualize
 from qstar_jax.generate import Decoder
 from qstar_jax.model import Transformer
 
@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
-    return generate.load_checkpoint(checkpoint)
+    return loading.load_checkpoint(checkpoint)
 
 
 def test_deltas_equal_decoding_with_the_same_thoughts(loaded):
