@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from qstar_jax import convert, data
 from qstar_jax import tokenizer as tokenizer_lib
 from qstar_jax.model import ModelConfig, Params, init_params
-from qstar_jax.thoughts import THOUGHT_TOKENS, QuietStarConfig, add_thought_params
+from qstar_jax.thoughts import N_THOUGHT_TOKENS, QuietStarConfig, add_thought_params
 
 RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy", "scan_layers")
 SIZE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
@@ -107,7 +107,7 @@ def quiet_star_config(section: ml_collections.ConfigDict, model_cfg: ModelConfig
 
 def random_params(cfg: QuietStarConfig, init_token_id: int, rng: jax.Array) -> Params:
     """Random Quiet-STaR parameters: a decoder without the thought rows, then add_thought_params."""
-    base = cfg.model.replace(vocab_size=cfg.model.vocab_size - THOUGHT_TOKENS)
+    base = cfg.model.replace(vocab_size=cfg.model.vocab_size - N_THOUGHT_TOKENS)
     decoder_rng, head_rng = jax.random.split(rng)
     _, params = add_thought_params(init_params(base, decoder_rng), base, init_token_id, head_rng,
                                    cfg.embedding_scale)
@@ -149,7 +149,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     if sorted(thought_ids) != [model_cfg.vocab_size, model_cfg.vocab_size + 1]:
         raise ValueError(f"{tok}: thought tokens at {thought_ids}, but a model with "
                          f"{model_cfg.vocab_size} rows needs them at the next two ids")
-    grown = model_cfg.replace(vocab_size=model_cfg.vocab_size + THOUGHT_TOKENS)
+    grown = model_cfg.replace(vocab_size=model_cfg.vocab_size + N_THOUGHT_TOKENS)
     cfg = quiet_star_config(config.quiet_star, grown, tok)
     init_token = _init_token(tok)
 

@@ -27,7 +27,7 @@ from qstar_jax.model import (
     visible,
 )
 
-THOUGHT_TOKENS = 2  # <|startthought|>, <|endthought|>
+N_THOUGHT_TOKENS = 2  # <|startthought|>, <|endthought|>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +130,7 @@ def add_thought_params(decoder_params: Params, cfg: ModelConfig, init_token_id: 
     grown["embed"] = {"embedding": grow(table)}
     if not cfg.tie_embeddings:
         grown["lm_head"] = {"kernel": grow(decoder_params["lm_head"]["kernel"])}
-    new_cfg = cfg.replace(vocab_size=cfg.vocab_size + THOUGHT_TOKENS)
+    new_cfg = cfg.replace(vocab_size=cfg.vocab_size + N_THOUGHT_TOKENS)
     start = (table[init_token_id] / embedding_scale).astype(table.dtype)
     head = MixingHead(cfg.d_model, cfg.param_dtype).init(
         rng, jnp.zeros((1, cfg.d_model)), jnp.zeros((1, cfg.d_model)))["params"]
@@ -220,7 +220,7 @@ def _thoughts_last(cfg: QuietStarConfig) -> bool:
 def _speakable_slice(x: jax.Array, cfg: QuietStarConfig, axis: int) -> jax.Array:
     """`x` at `speakable_ids` along its vocabulary axis."""
     if _thoughts_last(cfg):
-        return jax.lax.slice_in_dim(x, 0, cfg.model.vocab_size - THOUGHT_TOKENS, axis=axis)
+        return jax.lax.slice_in_dim(x, 0, cfg.model.vocab_size - N_THOUGHT_TOKENS, axis=axis)
     return jnp.take(x, jnp.asarray(speakable_ids(cfg)), axis=axis)
 
 
