@@ -29,7 +29,8 @@ import numpy as np
 
 from qstar_jax import generate, outputs
 from qstar_jax.model import Params
-from qstar_jax.thoughts import QuietStarConfig, rollout
+from qstar_jax.rollout import rollout
+from qstar_jax.thoughts import QuietStarConfig
 
 TASKS = ("gsm8k", "csqa")
 SYMBOLS = {"gsm8k": "0123456789", "csqa": "ABCDE"}  # allowed answer symbols, plus newline

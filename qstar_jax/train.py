@@ -38,8 +38,8 @@ from ml_collections import config_flags
 from qstar_jax import checkpoint, data, heldout, optim, outputs, sharding
 from qstar_jax import config as config_lib
 from qstar_jax.objective import quiet_star_loss
+from qstar_jax.rollout import check_batch
 from qstar_jax.scoring import TokenLosses, token_losses
-from qstar_jax.thoughts import check_batch
 from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
 
 State = dict  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}

@@ -21,7 +21,8 @@ import numpy as np
 from qstar_jax import generate, outputs
 from qstar_jax.evaluate import eval_config, token_pieces
 from qstar_jax.model import Params
-from qstar_jax.thoughts import QuietStarConfig, rollout, token_logprob
+from qstar_jax.rollout import rollout
+from qstar_jax.thoughts import QuietStarConfig, token_logprob
 
 
 @dataclasses.dataclass

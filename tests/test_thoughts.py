@@ -16,6 +16,7 @@ import transformers
 from qstar_jax import convert
 from qstar_jax.model import ModelConfig, Transformer, init_params
 from qstar_jax.objective import quiet_star_loss
+from qstar_jax.rollout import from_rows, policy_logprobs, rollout, to_rows
 from qstar_jax.scoring import evaluation_config, token_losses
 from qstar_jax.thoughts import (
     QuietStarConfig,
@@ -24,8 +25,6 @@ from qstar_jax.thoughts import (
     head_rows,
     lm_logits,
     mask_thought_logits,
-    policy_logprobs,
-    rollout,
     sample,
     speakable_columns,
     speakable_head,
@@ -420,6 +419,14 @@ def test_thought_logits_are_the_full_logits_without_the_thought_tokens(setup, th
     np.testing.assert_array_equal(speakable_columns(full, cfg), full[:, keep])
     np.testing.assert_array_equal(speakable_index(jnp.asarray(keep), cfg), np.arange(keep.size))
     np.testing.assert_array_equal(speakable_token(jnp.arange(keep.size), cfg), keep)
+
+
+def test_rows_are_rationale_major():
+    x_PB = jnp.arange(2 * 3 * 4).reshape(1, 2, 3, 4)
+    x_R = to_rows(x_PB, axis=1)
+    assert x_R.shape == (1, 6, 4)
+    np.testing.assert_array_equal(x_R[0, 1 * 3 + 2], x_PB[0, 1, 2])  # row p * B + b
+    np.testing.assert_array_equal(from_rows(x_R, 2, axis=1), x_PB)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
