@@ -27,6 +27,7 @@ from qstar_jax.thoughts import (
     ChainPrefix,
     QuietStarConfig,
     chain_pass,
+    chain_reads,
     choose_thought,
     embed_tokens,
     entropy,
@@ -50,8 +51,9 @@ class Rollout:
     base_logits: jax.Array  # [B, L, V] float32
     base_hidden: jax.Array  # [B, L, D]
     thought_tokens: jax.Array  # [B, P, L, S] int32
-    # [B, P, L, S] log-prob at reinforce_temperature; its gradient is exact for cotangents
-    # with at most cfg.policy_rows nonzero rationales per position (`policy_logprobs`)
+    # [B, P, L, S] log-prob at reinforce_temperature; its gradient is exact for any cotangent,
+    # and cheapest with at most cfg.policy_rows nonzero rationales per position
+    # (`policy_logprobs`)
     thought_logprobs: jax.Array
     talk_logprobs: jax.Array  # [B, P, T, L] log p_mix(x[j + 1 + t]) (0 past the end)
     mixing_weights: jax.Array  # [B, P, T, L]
@@ -200,7 +202,8 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     The chain of position j sees the base keys x[0..j] (one shared causal prefix) and its own
     earlier chain keys (a per-position buffer), merged in one softmax: O(L^2 + L*k) per pass.
     `thought_tokens` [B, P, L, S] replaces sampling (tests, analysis); they are ordinary tokens,
-    never the thought tokens' own ids (checked unless traced).
+    never the thought tokens' own ids: checked unless traced, and under jit such a token's
+    log-prob is NaN (`speakable_index`).
     """
     b, length = tokens_BL.shape
     check_batch(cfg, length)
@@ -320,8 +323,10 @@ def policy_logprobs(head_VD: jax.Array, h_SRLD: jax.Array, choices_SRL: jax.Arra
     `head_VD` is `speakable_head`'s rows and `choices` index `speakable_ids`. The gradient flows
     into the output head and the chain states `h` [S, R, L, D]. It is computed pass by pass on
     the `cfg.policy_rows` rationales of each position with the largest cotangents, the logits
-    recomputed for those rows only: the REINFORCE cotangents (advantage-weighted) are zero on
-    the others.
+    recomputed for those rows only: the REINFORCE cotangents (clamped advantages) are zero on
+    the others. A cotangent on more rationales of a position (another loss term on the
+    log-probs) is seen in the backward pass, which then takes all P: the gradient is exact for
+    any cotangent.
     """
     temperature, p, m = cfg.reinforce_temperature, cfg.n_passes, cfg.policy_rows
 
@@ -356,7 +361,14 @@ def policy_logprobs(head_VD: jax.Array, h_SRLD: jax.Array, choices_SRL: jax.Arra
 
     def backward(saved, ct_SRL):
         head_VD, h_SRLD, choices_SRL = saved
-        d_head, d_h_SRLD = gradient(m, head_VD, h_SRLD, choices_SRL, ct_SRL)
+        if m == p:
+            d_head, d_h_SRLD = gradient(p, head_VD, h_SRLD, choices_SRL, ct_SRL)
+        else:
+            # The most rationales of any position that carry a cotangent.
+            reached = jnp.max(jnp.sum(from_rows(ct_SRL, p, axis=1) != 0, axis=1))
+            d_head, d_h_SRLD = jax.lax.cond(
+                reached <= m, functools.partial(gradient, m), functools.partial(gradient, p),
+                head_VD, h_SRLD, choices_SRL, ct_SRL)
         return d_head, d_h_SRLD.astype(h_SRLD.dtype), None, jnp.zeros_like(ct_SRL)
 
     with_gradient.defvjp(forward, backward)
@@ -385,17 +397,34 @@ def _scan(step: PassStep, params: Params, base_kv: KeyValues, buffer: KeyValues,
     return buffer, carry, ys
 
 
+def check_reads_before_writes(reads_KC: np.ndarray) -> None:
+    """Raise unless each chain pass k reads only buffer slots written before it (c < k - 1).
+
+    `_scan_against_final_buffer` recomputes every pass against the final buffer; that equals the
+    buffer the pass saw only in the slots written before it.
+    """
+    for k in range(1, reads_KC.shape[0]):
+        late = np.flatnonzero(reads_KC[k, k - 1:])
+        if late.size:
+            raise ValueError(
+                f"chain pass {k} reads buffer slot {k - 1 + late[0]}, written by pass "
+                f"{k + late[0]} (at or after it): recomputing the pass against the final buffer "
+                "would read keys it did not see; `chain_reads` must hide every slot c >= k - 1")
+
+
 def _scan_against_final_buffer(step: PassStep, params: Params, base_kv: KeyValues,
                                buffer: KeyValues, carry: Any, inputs: Any
                                ) -> tuple[KeyValues, Any, Any]:
     """`_scan` whose backward pass recomputes each pass against the final chain buffer.
 
-    Pass k reads only buffer slots < k - 1 (the chain mask hides the rest), and the final buffer
+    Pass k reads only buffer slots < k - 1 (`chain_reads`, checked here), and the final buffer
     holds exactly those values, so the backward pass needs one buffer, not one per pass: saved
     memory grows linearly with the number of passes. Each pass is recomputed in the backward
     pass (rematerialised) with the tokens it drew (`replay`), which are not drawn again. Only
     the float leaves of `inputs` are differentiated.
     """
+    check_reads_before_writes(chain_reads(buffer.k.shape[3]))
+
     @jax.custom_vjp
     def run(params, base_kv, buffer, carry, inputs):
         return _scan(step, params, base_kv, buffer, carry, inputs)

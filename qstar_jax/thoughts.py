@@ -83,8 +83,9 @@ class QuietStarConfig:
 
         With the TRICE baseline and negative advantages dropped, a position's P advantages sum
         to zero before clamping, so at most P - 1 stay positive and the policy gradient skips
-        the rest. In float32 this is exact for P = 2; for larger P, rounding of the mean can
-        leave all P within a few ulps of zero, and the smallest is then skipped.
+        the rest. In float32 this holds for P = 2; for larger P, rounding of the mean can leave
+        all P a few ulps above zero, and the policy gradient then takes all P (as it does for
+        any cotangent on more rationales).
         """
         if self.use_trice_baseline and self.remove_negative_rewards and self.n_passes > 1:
             return self.n_passes - 1
@@ -206,7 +207,7 @@ def mix(params: Params, cfg: QuietStarConfig, h_base_D: jax.Array,
 
 def speakable_ids(cfg: QuietStarConfig) -> np.ndarray:
     """Vocabulary ids other than the two thought tokens [V - 2], ascending: what a thought may
-    contain."""
+    contain (and `sample` draws indices into)."""
     thought = [cfg.start_thought_id, cfg.end_thought_id]
     return np.delete(np.arange(cfg.model.vocab_size, dtype=np.int32), thought)
 
@@ -240,15 +241,30 @@ def speakable_columns(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
     return _speakable_slice(logits_V, cfg, logits_V.ndim - 1)
 
 
+def _speakable_first(cfg: QuietStarConfig) -> np.ndarray:
+    """Every vocabulary id [V]: `speakable_ids`, then the two thought ids, lower first."""
+    return np.concatenate([speakable_ids(cfg),
+                           sorted((cfg.start_thought_id, cfg.end_thought_id))]).astype(np.int32)
+
+
 def speakable_index(tokens: jax.Array, cfg: QuietStarConfig) -> jax.Array:
-    """Position of each (non-thought) token id in `speakable_ids`."""
-    return (tokens - (tokens > cfg.start_thought_id) - (tokens > cfg.end_thought_id)).astype(
-        jnp.int32)
+    """Position of each token id in `speakable_ids`, defined for every id, also under jit.
+
+    A thought never contains a thought id; one maps past the end of `speakable_ids` (the lower
+    of the two to V - 2, the higher to V - 1), where `token_logprob` over the thought logits
+    [..., V - 2] reads NaN and `speakable_token` gives the id back. With the thought tokens last
+    in the vocabulary every id is its own index.
+    """
+    low, high = sorted((cfg.start_thought_id, cfg.end_thought_id))
+    v = cfg.model.vocab_size
+    index = tokens - (tokens > low) - (tokens > high)
+    index = jnp.where(tokens == low, v - 2, jnp.where(tokens == high, v - 1, index))
+    return index.astype(jnp.int32)
 
 
 def speakable_token(index: jax.Array, cfg: QuietStarConfig) -> jax.Array:
-    """The token id at each position of `speakable_ids` (inverse of `speakable_index`)."""
-    return index if _thoughts_last(cfg) else jnp.asarray(speakable_ids(cfg))[index]
+    """The token id at each index of `speakable_index` [...] (its inverse, for every id)."""
+    return index if _thoughts_last(cfg) else jnp.asarray(_speakable_first(cfg))[index]
 
 
 def _block_size(v: int) -> int:
