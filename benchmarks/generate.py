@@ -23,7 +23,8 @@ from naive_rollout import naive_loss  # benchmarks/ is on the path when run as a
 
 from qstar_jax.generate import Decoder
 from qstar_jax.model import ModelConfig, init_params
-from qstar_jax.thoughts import QuietStarConfig, add_thought_params, mask_thought_logits, rollout
+from qstar_jax.rollout import rollout
+from qstar_jax.thoughts import QuietStarConfig, add_thought_params, mask_thought_logits
 
 MODEL = ModelConfig(vocab_size=32000, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2,
                     ffn_dim=704, remat_policy="none")

@@ -1,6 +1,6 @@
 """The Quiet-STaR loss computed the authors' way, with qstar_jax's model: the benchmark's baseline.
 
-What the authors' code does, and `qstar_jax.thoughts.rollout` does not:
+What the authors' code does, and `qstar_jax.rollout.rollout` does not:
 - every sequence is repeated `n_passes` times in the batch, so the base pass runs once per
   rationale (R = B * n_passes rows below);
 - each pass attends with a block mask that grows by L keys a pass: base keys causal, then one
@@ -21,9 +21,9 @@ import jax.numpy as jnp
 
 from qstar_jax.model import Context, KeyValues, Masks, Params, causal_context, visible
 from qstar_jax.objective import label_mask, reinforce_terms
+from qstar_jax.rollout import check_batch
 from qstar_jax.thoughts import (
     QuietStarConfig,
-    check_batch,
     embed_tokens,
     hidden,
     lm_logits,

@@ -41,7 +41,7 @@ from naive_rollout import naive_loss  # benchmarks/ is on the path when run as a
 from qstar_jax import optim
 from qstar_jax.model import ModelConfig, init_params
 from qstar_jax.objective import quiet_star_loss
-from qstar_jax.thoughts import THOUGHT_TOKENS, QuietStarConfig, add_thought_params
+from qstar_jax.thoughts import N_THOUGHT_TOKENS, QuietStarConfig, add_thought_params
 
 BASE_VOCAB = 32000
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ NAIVE: dict[str, LossFn] = {
 def quiet_star(setup: Setup) -> tuple[QuietStarConfig, Callable[[jax.Array], dict]]:
     """The Quiet-STaR config and a jitted random initialiser of its parameters."""
     base = setup.model
-    model = base.replace(vocab_size=base.vocab_size + THOUGHT_TOKENS)
+    model = base.replace(vocab_size=base.vocab_size + N_THOUGHT_TOKENS)
     cfg = QuietStarConfig(model, base.vocab_size, base.vocab_size + 1, pad_id=0,
                           n_ahead=setup.n_ahead, n_ahead_talk=setup.n_ahead_talk,
                           n_passes=setup.n_passes)

@@ -18,7 +18,7 @@ import ml_collections
 
 from qstar_jax import config as config_lib
 from qstar_jax import loading, sharding, steps
-from qstar_jax.thoughts import check_batch
+from qstar_jax.rollout import check_batch
 
 # Cloud TPU v4 slices are named by TensorCores, two per chip; JAX runs each chip as one
 # ("megacore") device. Slice -> chips along x, y, z (TensorCores / 2 in all).

@@ -24,7 +24,9 @@ import numpy as np
 from qstar_jax import loading
 from qstar_jax.model import Context, KeyValues, Masks, Params, visible
 from qstar_jax.thoughts import (
+    ChainPrefix,
     QuietStarConfig,
+    chain_pass,
     choose_thought,
     embed_tokens,
     hidden,
@@ -123,28 +125,18 @@ def think(params: Params, cfg: QuietStarConfig, state: DecodeState, rng: jax.Arr
     """
     m = cfg.model
     b, s, c = state.h_last_BD.shape[0], cfg.n_sampled, cfg.n_ahead - 1
-    base_pos_B1 = state.pos_last_B[:, None]
-    seen_B1T = visible(base_pos_B1, state.positions_BT, state.valid_BT)
+    prefix = ChainPrefix(state.pos_last_B[:, None], state.positions_BT, state.valid_BT)
     start_D, end_D = start_end_embeddings(params, cfg)
     shape = state.kv.k.shape[:2] + (1, c) + state.kv.k.shape[3:]  # [N, B, 1, C, K, E]
     buffer = KeyValues(jnp.zeros(shape, state.kv.k.dtype), jnp.zeros(shape, state.kv.v.dtype))
 
-    def chain_pass(buffer: KeyValues, x_B1D: jax.Array, k) -> tuple[jax.Array, KeyValues]:
-        q_pos_B1 = base_pos_B1 + k
-        prefix = seen_B1T
-        if m.sliding_window is not None:
-            prefix &= (q_pos_B1[:, :, None] - state.positions_BT[:, None, :]) < m.sliding_window
-        chain = jnp.broadcast_to(jnp.arange(c) < k - 1, (b, 1, c))
-        ctx = Context(Masks(prefix_BLS=prefix, chain_BLC=chain), prefix=state.kv, chain=buffer)
-        h_B1D, new = hidden(params, cfg, x_B1D, q_pos_B1, ctx)
-        slot = lambda buf, x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
-            buf, x.astype(buf.dtype), k - 1, 3)
-        return h_B1D, KeyValues(slot(buffer.k, new.k), slot(buffer.v, new.v))
+    def one_pass(buffer: KeyValues, x_B1D: jax.Array, k) -> tuple[jax.Array, KeyValues]:
+        return chain_pass(params, cfg, state.kv, prefix, buffer, x_B1D, k)
 
     def think_step(carry, xs):
         buffer, x_B1D = carry
         k, key, forced_B = xs
-        h_B1D, buffer = chain_pass(buffer, x_B1D, k)
+        h_B1D, buffer = one_pass(buffer, x_B1D, k)
         if forced_BS is None:
             logits_BV = speakable_columns(lm_logits(params, cfg, h_B1D[:, 0]), cfg)
             choice_B = choose_thought(logits_BV, key, cfg)
@@ -158,8 +150,8 @@ def think(params: Params, cfg: QuietStarConfig, state: DecodeState, rng: jax.Arr
     x0 = jnp.broadcast_to(start_D, (b, 1, m.d_model))
     (buffer, x_last), thought_SB = jax.lax.scan(
         think_step, (buffer, x0), (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SB))
-    _, buffer = chain_pass(buffer, x_last, cfg.n_ahead - 2)  # keys of the last sampled token
-    h_end, _ = chain_pass(buffer, jnp.broadcast_to(end_D, (b, 1, m.d_model)), cfg.n_ahead - 1)
+    _, buffer = one_pass(buffer, x_last, cfg.n_ahead - 2)  # keys of the last sampled token
+    h_end, _ = one_pass(buffer, jnp.broadcast_to(end_D, (b, 1, m.d_model)), cfg.n_ahead - 1)
     return h_end[:, 0], thought_SB.T
 
 

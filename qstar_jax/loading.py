@@ -27,7 +27,7 @@ from qstar_jax.directories import copy_files, local_dir
 from qstar_jax.errors import CheckpointNotFoundError
 from qstar_jax.gguf_checkpoint import demo_model
 from qstar_jax.model import RUNTIME_FIELDS, ModelConfig, Params, init_params, is_quiet_star
-from qstar_jax.thoughts import THOUGHT_TOKENS, QuietStarConfig, add_thought_params
+from qstar_jax.thoughts import N_THOUGHT_TOKENS, QuietStarConfig, add_thought_params
 
 TOKENIZER_DIR = "tokenizer"  # in the workdir, for the random source
 INIT_TEXT = "---"  # its first token's embedding initialises the start/end thought embeddings
@@ -54,7 +54,7 @@ class Model:
 
 def random_params(cfg: QuietStarConfig, init_token_id: int, rng: jax.Array) -> Params:
     """Random Quiet-STaR parameters: a decoder without the thought rows, then add_thought_params."""
-    base = cfg.model.replace(vocab_size=cfg.model.vocab_size - THOUGHT_TOKENS)
+    base = cfg.model.replace(vocab_size=cfg.model.vocab_size - N_THOUGHT_TOKENS)
     decoder_rng, head_rng = jax.random.split(rng)
     _, params = add_thought_params(init_params(base, decoder_rng), base, init_token_id, head_rng,
                                    cfg.embedding_scale)
@@ -90,7 +90,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     if sorted(thought_ids) != [model_cfg.vocab_size, model_cfg.vocab_size + 1]:
         raise ValueError(f"{tok}: thought tokens at {thought_ids}, but a model with "
                          f"{model_cfg.vocab_size} rows needs them at the next two ids")
-    grown = model_cfg.replace(vocab_size=model_cfg.vocab_size + THOUGHT_TOKENS)
+    grown = model_cfg.replace(vocab_size=model_cfg.vocab_size + N_THOUGHT_TOKENS)
     cfg = quiet_star_config(config.quiet_star, grown, tok)
     init_token = _init_token(tok)
 

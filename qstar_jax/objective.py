@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.model import Params
-from qstar_jax.thoughts import QuietStarConfig, _shift, rollout, token_logprob
+from qstar_jax.rollout import _shift, rollout
+from qstar_jax.thoughts import QuietStarConfig, token_logprob
 
 
 def _masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:

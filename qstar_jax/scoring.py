@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.model import Params
-from qstar_jax.thoughts import QuietStarConfig, _shift, rollout, token_logprob
+from qstar_jax.rollout import _shift, rollout
+from qstar_jax.thoughts import QuietStarConfig, token_logprob
 
 
 def evaluation_config(cfg: QuietStarConfig, talk_offsets: bool = True) -> QuietStarConfig:

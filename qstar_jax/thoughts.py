@@ -1,6 +1,7 @@
-"""Quiet-STaR parameters and the parallel thought rollout.
+"""Quiet-STaR building blocks: config, thought parameters, head, mixing, sampling, the chain pass.
 
-Parameters of a Quiet-STaR model: {"decoder": Transformer params (vocabulary incl. the two thought
+What the parallel rollout (`rollout.py`) and decoding (`generate.py`) are both made of. Parameters
+of a Quiet-STaR model: {"decoder": Transformer params (vocabulary incl. the two thought
 tokens), "start_embedding": [D], "end_embedding": [D] (both stored divided by
 `embedding_scale`), "mixing_head": MixingHead params}.
 """
@@ -23,11 +24,10 @@ from qstar_jax.model import (
     ModelConfig,
     Params,
     Transformer,
-    causal_context,
     visible,
 )
 
-THOUGHT_TOKENS = 2  # <|startthought|>, <|endthought|>
+N_THOUGHT_TOKENS = 2  # <|startthought|>, <|endthought|>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,9 @@ class QuietStarConfig:
 
         With the TRICE baseline and negative advantages dropped, a position's P advantages sum
         to zero before clamping, so at most P - 1 stay positive and the policy gradient skips
-        the rest. In float32 this is exact for P = 2; for larger P, rounding of the mean can
-        leave all P within a few ulps of zero, and the smallest is then skipped.
+        the rest. In float32 this holds for P = 2; for larger P, rounding of the mean can leave
+        all P a few ulps above zero, and the policy gradient then takes all P (as it does for
+        any cotangent on more rationales).
         """
         if self.use_trice_baseline and self.remove_negative_rewards and self.n_passes > 1:
             return self.n_passes - 1
@@ -130,7 +131,7 @@ def add_thought_params(decoder_params: Params, cfg: ModelConfig, init_token_id: 
     grown["embed"] = {"embedding": grow(table)}
     if not cfg.tie_embeddings:
         grown["lm_head"] = {"kernel": grow(decoder_params["lm_head"]["kernel"])}
-    new_cfg = cfg.replace(vocab_size=cfg.vocab_size + THOUGHT_TOKENS)
+    new_cfg = cfg.replace(vocab_size=cfg.vocab_size + N_THOUGHT_TOKENS)
     start = (table[init_token_id] / embedding_scale).astype(table.dtype)
     head = MixingHead(cfg.d_model, cfg.param_dtype).init(
         rng, jnp.zeros((1, cfg.d_model)), jnp.zeros((1, cfg.d_model)))["params"]
@@ -206,7 +207,7 @@ def mix(params: Params, cfg: QuietStarConfig, h_base_D: jax.Array,
 
 def speakable_ids(cfg: QuietStarConfig) -> np.ndarray:
     """Vocabulary ids other than the two thought tokens [V - 2], ascending: what a thought may
-    contain."""
+    contain (and `sample` draws indices into)."""
     thought = [cfg.start_thought_id, cfg.end_thought_id]
     return np.delete(np.arange(cfg.model.vocab_size, dtype=np.int32), thought)
 
@@ -220,7 +221,7 @@ def _thoughts_last(cfg: QuietStarConfig) -> bool:
 def _speakable_slice(x: jax.Array, cfg: QuietStarConfig, axis: int) -> jax.Array:
     """`x` at `speakable_ids` along its vocabulary axis."""
     if _thoughts_last(cfg):
-        return jax.lax.slice_in_dim(x, 0, cfg.model.vocab_size - THOUGHT_TOKENS, axis=axis)
+        return jax.lax.slice_in_dim(x, 0, cfg.model.vocab_size - N_THOUGHT_TOKENS, axis=axis)
     return jnp.take(x, jnp.asarray(speakable_ids(cfg)), axis=axis)
 
 
@@ -240,15 +241,30 @@ def speakable_columns(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
     return _speakable_slice(logits_V, cfg, logits_V.ndim - 1)
 
 
+def _speakable_first(cfg: QuietStarConfig) -> np.ndarray:
+    """Every vocabulary id [V]: `speakable_ids`, then the two thought ids, lower first."""
+    return np.concatenate([speakable_ids(cfg),
+                           sorted((cfg.start_thought_id, cfg.end_thought_id))]).astype(np.int32)
+
+
 def speakable_index(tokens: jax.Array, cfg: QuietStarConfig) -> jax.Array:
-    """Position of each (non-thought) token id in `speakable_ids`."""
-    return (tokens - (tokens > cfg.start_thought_id) - (tokens > cfg.end_thought_id)).astype(
-        jnp.int32)
+    """Position of each token id in `speakable_ids`, defined for every id, also under jit.
+
+    A thought never contains a thought id; one maps past the end of `speakable_ids` (the lower
+    of the two to V - 2, the higher to V - 1), where `token_logprob` over the thought logits
+    [..., V - 2] reads NaN and `speakable_token` gives the id back. With the thought tokens last
+    in the vocabulary every id is its own index.
+    """
+    low, high = sorted((cfg.start_thought_id, cfg.end_thought_id))
+    v = cfg.model.vocab_size
+    index = tokens - (tokens > low) - (tokens > high)
+    index = jnp.where(tokens == low, v - 2, jnp.where(tokens == high, v - 1, index))
+    return index.astype(jnp.int32)
 
 
 def speakable_token(index: jax.Array, cfg: QuietStarConfig) -> jax.Array:
-    """The token id at each position of `speakable_ids` (inverse of `speakable_index`)."""
-    return index if _thoughts_last(cfg) else jnp.asarray(speakable_ids(cfg))[index]
+    """The token id at each index of `speakable_index` [...] (its inverse, for every id)."""
+    return index if _thoughts_last(cfg) else jnp.asarray(_speakable_first(cfg))[index]
 
 
 def _block_size(v: int) -> int:
@@ -339,300 +355,51 @@ def _token_logprob_backward(temperature, saved, ct):
 token_logprob.defvjp(_token_logprob_forward, _token_logprob_backward)
 
 
-# ----------------------------------------------------------------------------- parallel rollout
+# ----------------------------------------------------------------------------- chain pass
 
 
 @flax.struct.dataclass
-class Rollout:
-    """Everything the objective and analysis read from one parallel rollout.
+class ChainPrefix:
+    """Where a set of chains sits against the base tokens they attend to.
 
-    B batch, P rationales, L positions, S sampled thought tokens, T talk offsets, V vocabulary.
+    The chain at base position j (`start_BL`) puts pass k at position j + k; it sees the base
+    keys at positions <= j that are valid (and within the sliding window of j + k).
     """
 
-    base_logits: jax.Array  # [B, L, V] float32
-    base_hidden: jax.Array  # [B, L, D]
-    thought_tokens: jax.Array  # [B, P, L, S] int32
-    # [B, P, L, S] log-prob at reinforce_temperature; its gradient is exact for cotangents
-    # with at most cfg.policy_rows nonzero rationales per position (`policy_logprobs`)
-    thought_logprobs: jax.Array
-    talk_logprobs: jax.Array  # [B, P, T, L] log p_mix(x[j + 1 + t]) (0 past the end)
-    mixing_weights: jax.Array  # [B, P, T, L]
-    # [B, P, L, S] entropy (nats) of the distribution each thought token was drawn from, at
-    # thought_temperature: near 0 when thoughts collapse onto fixed tokens
-    thought_entropy: jax.Array
-    talk_logits: jax.Array | None = None  # [B, P, T, L, V], when asked
+    start_BL: jax.Array  # base position j of each chain
+    key_positions_BS: jax.Array  # position of each base key
+    key_valid_BS: jax.Array  # the base key is a real token
 
 
-def _shift(x_BL: jax.Array, t: int, fill=0) -> jax.Array:
-    """x[:, j + t] at column j, `fill` past the end."""
-    if t == 0:
-        return x_BL
-    pad = jnp.full(x_BL.shape[:1] + (t,) + x_BL.shape[2:], fill, x_BL.dtype)
-    return jnp.concatenate([x_BL[:, t:], pad], axis=1)
+def chain_reads(n_slots: int) -> np.ndarray:
+    """Which chain-buffer slots pass k reads: [n_slots + 1, n_slots] bool by k, static.
 
-
-def check_batch(cfg: QuietStarConfig, length: int) -> None:
-    """Reject sequences too short for the thought window."""
-    if cfg.n_ahead_talk >= length - 1:
-        raise ValueError(f"n_ahead_talk={cfg.n_ahead_talk} needs sequences longer than "
-                         f"n_ahead_talk + 1 tokens; got length {length}")
-
-
-def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.Array,
-            cfg: QuietStarConfig, thought_tokens: jax.Array | None = None,
-            return_talk_logits: bool = False) -> Rollout:
-    """Base pass once, then the chain passes of every position in parallel for each rationale.
-
-    The chain of position j sees the base keys x[0..j] (one shared causal prefix) and its own
-    earlier chain keys (a per-position buffer), merged in one softmax: O(L^2 + L*k) per pass.
-    `thought_tokens` [B, P, L, S] replaces sampling (tests, analysis); they are ordinary tokens,
-    never the thought tokens' own ids (checked unless traced).
+    Pass k >= 1 writes its keys to slot k - 1 and reads the slots of the passes before it,
+    c < k - 1.
     """
-    b, length = tokens_BL.shape
-    check_batch(cfg, length)
-    mcfg = cfg.model
-    positions_BL = jnp.broadcast_to(jnp.arange(length), (b, length))
-    base_ctx = causal_context(positions_BL, mask_BL, mcfg.sliding_window)
-    h_base, base_kv = hidden(params, cfg, embed_tokens(params, cfg, tokens_BL), positions_BL,
-                             base_ctx)
-    base_logits = lm_logits(params, cfg, h_base)
-    s, t_talk = cfg.n_sampled, cfg.n_ahead_talk
-    if not cfg.thinks:
-        no_thoughts = jnp.zeros((b, cfg.n_passes, length, 0))
-        no_talk = jnp.zeros((b, cfg.n_passes, 0, length))
-        return Rollout(base_logits, h_base, no_thoughts.astype(jnp.int32), no_thoughts, no_talk,
-                       no_talk, no_thoughts)
-
-    # The rationales run side by side as R = P * B rows (rationale-major); every row of a
-    # rationale reads the same base keys.
-    p, n_chain = cfg.n_passes, cfg.n_chain_passes
-    rows = lambda x, axis=0: jnp.concatenate([x] * p, axis)  # noqa: E731  [B, ...] -> [R, ...]
-    r = p * b
-    positions_RL, mask_RL, h_base_RLD = rows(positions_BL), rows(mask_BL), rows(h_base)
-    base_kv_R = KeyValues(rows(base_kv.k, 1), rows(base_kv.v, 1))  # [N, R, L, K, E]
-    kv_shape = base_kv_R.k.shape[:3] + (n_chain,) + base_kv_R.k.shape[3:]  # [N, R, L, C, K, E]
-    start_D, end_D = start_end_embeddings(params, cfg)
-
-    def chain_pass(params, base_kv, buffer: KeyValues, x_RLD, k: int | jax.Array):
-        """Pass k >= 1: one new token per chain; its keys go to buffer slot k - 1."""
-        q_pos = positions_RL + k
-        prefix = visible(positions_RL, positions_RL, mask_RL)
-        if mcfg.sliding_window is not None:
-            prefix &= (q_pos[:, :, None] - positions_RL[:, None, :]) < mcfg.sliding_window
-        chain = jnp.broadcast_to(jnp.arange(n_chain) < k - 1, (r, length, n_chain))
-        ctx = Context(Masks(prefix_BLS=prefix, chain_BLC=chain), prefix=base_kv, chain=buffer)
-        h_RLD, kv = hidden(params, cfg, x_RLD, q_pos, ctx)
-        slot = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new, k - 1, 3)  # noqa: E731
-        return h_RLD, KeyValues(slot(buffer.k, kv.k), slot(buffer.v, kv.v))
-
-    # Thought logits leave out the thought tokens' head rows; sampled tokens are indices into
-    # `speakable_ids`. No gradient flows through sampling: `policy_logprobs` gives the log-probs
-    # theirs after the scan.
-    speakable_VD = speakable_head(head_rows(params, cfg), cfg)
-    think_head = jax.lax.stop_gradient(speakable_VD)
-
-    def think_step(params, base_kv, buffer, x_RLD, floats, ints, replay):
-        """Passes 1..S: feed a token, draw the next thought token from the chain head."""
-        k, key, forced_RL = ints
-        h_RLD, buffer = chain_pass(params, base_kv, buffer, x_RLD, k)
-        logits = head_logits(think_head, cfg, jax.lax.stop_gradient(h_RLD))
-        if replay is not None:  # the backward pass: the token drawn in the forward pass
-            choice_RL = replay[0]
-        elif thought_tokens is not None:
-            choice_RL = forced_RL
-        else:
-            choice_RL = choose_thought(logits, key, cfg)
-        choice_RL = jax.lax.stop_gradient(choice_RL)
-        logprob = token_logprob(logits, choice_RL, cfg.reinforce_temperature)
-        x_next = embed_tokens(params, cfg, speakable_token(choice_RL, cfg))
-        return buffer, x_next, (choice_RL, logprob, h_RLD, entropy(logits, cfg.thought_temperature))
-
-    def talk_step(params, base_kv, buffer, carry, floats, ints, replay):
-        """Passes n_ahead-1 ..: end token then true tokens; the state mixed with the base state.
-
-        The head is applied after the scan (`talk_head`): its logits are then kept for the
-        backward pass instead of recomputed with the pass.
-        """
-        x_RLD, h_base_RLD = floats
-        h_RLD, buffer = chain_pass(params, base_kv, buffer, x_RLD, ints)
-        return buffer, carry, mix(params, cfg, h_base_RLD, h_RLD)
-
-    scan = _scan_against_final_buffer if cfg.remat_passes else _scan
-
-    if thought_tokens is None:
-        forced_SRL = jnp.zeros((s, r, length), jnp.int32)
-    else:
-        expected = (b, p, length, s)
-        if tuple(thought_tokens.shape) != expected:
-            raise ValueError(f"thought_tokens has shape {tuple(thought_tokens.shape)}, "
-                             f"expected [B, n_passes, L, n_ahead - 3] = {expected}")
-        if not isinstance(thought_tokens, jax.core.Tracer) and np.isin(
-                np.asarray(thought_tokens), (cfg.start_thought_id, cfg.end_thought_id)).any():
-            raise ValueError("thought_tokens contains the ids of <|startthought|> or "
-                             "<|endthought|>, which a thought never contains")
-        forced_SRL = speakable_index(jnp.transpose(thought_tokens, (3, 1, 0, 2)).reshape(
-            s, r, length), cfg)
-    buffer = KeyValues(jnp.zeros(kv_shape, base_kv.k.dtype), jnp.zeros(kv_shape, base_kv.v.dtype))
-    x0 = jnp.broadcast_to(start_D, h_base_RLD.shape)
-    think_ints = (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SRL)
-    buffer, x_last, (choices_SRL, logprobs_SRL, h_SRLD, entropy_SRL) = scan(
-        think_step, params, base_kv_R, buffer, x0, (), think_ints)
-    logprobs_SRL = policy_logprobs(speakable_VD, h_SRLD, choices_SRL, logprobs_SRL, cfg)
-    # Pass n_ahead-2 feeds the last sampled token; only its keys are needed.
-    lone = jax.checkpoint(chain_pass) if cfg.remat_passes else chain_pass
-    _, buffer = lone(params, base_kv_R, buffer, x_last, jnp.int32(cfg.n_ahead - 2))
-
-    # Talk inputs: <|endthought|>, then x[j+1], x[j+2], ...; base states and targets shifted.
-    tokens_RL = rows(tokens_BL)
-    talk_x = jnp.stack([jnp.broadcast_to(end_D, h_base_RLD.shape)] + [
-        embed_tokens(params, cfg, _shift(tokens_RL, t)) for t in range(1, t_talk)])
-    talk_h_base = jnp.stack([_shift(h_base_RLD, t) for t in range(t_talk)])
-    talk_targets_TRL = jnp.stack([_shift(tokens_RL, t + 1) for t in range(t_talk)])
-    talk_k = jnp.arange(cfg.n_ahead - 1, cfg.n_ahead - 1 + t_talk)
-    _, _, (h_mix_TRLD, w_TRL) = scan(talk_step, params, base_kv_R, buffer, (),
-                                     (talk_x, talk_h_base), talk_k)
-
-    def talk_head(xs):
-        """One talk offset's logits [R, L, V] and target log-probs [R, L].
-
-        Offset by offset: the head's weight gradient then transposes one [R * L, V] logit
-        gradient at a time, which is fast on a CPU (in an XLA CPU trace, one [2048, 32002]
-        transposition took 654 ms, four [512, 32002] ones 69 ms in all)."""
-        h_mix_RLD, targets_RL = xs
-        logits_RLV = lm_logits(params, cfg, h_mix_RLD)
-        return logits_RLV, token_logprob(logits_RLV, targets_RL)
-
-    talk_logits_TRLV, talk_logprobs_TRL = jax.lax.map(talk_head, (h_mix_TRLD, talk_targets_TRL))
-
-    # [X, R, ...] (X: passes or talk offsets) -> [B, P, X, ...]
-    split = lambda x: jnp.moveaxis(x.reshape(x.shape[:1] + (p, b) + x.shape[2:]),  # noqa: E731
-                                   (0, 1, 2), (2, 1, 0))
-    last_s = lambda x: jnp.moveaxis(split(x), 2, -1)  # noqa: E731  [B, P, S, L] -> [B, P, L, S]
-    return Rollout(
-        base_logits=base_logits, base_hidden=h_base,
-        thought_tokens=last_s(speakable_token(choices_SRL, cfg)),
-        thought_logprobs=last_s(logprobs_SRL),
-        talk_logprobs=split(talk_logprobs_TRL),
-        mixing_weights=split(w_TRL),
-        thought_entropy=last_s(entropy_SRL),
-        talk_logits=split(talk_logits_TRLV) if return_talk_logits else None,
-    )
+    k_K1 = np.arange(n_slots + 1)[:, None]
+    return np.arange(n_slots)[None, :] < k_K1 - 1
 
 
-# ----------------------------------------------------------------------------- policy gradient
+def chain_pass(params: Params, cfg: QuietStarConfig, base_kv: KeyValues, prefix: ChainPrefix,
+               buffer: KeyValues, x_BLD: jax.Array, k: int | jax.Array
+               ) -> tuple[jax.Array, KeyValues]:
+    """Pass k >= 1 of every chain: hidden states [B, L, D], and the chain buffer with the new
+    keys/values in slot k - 1.
 
-
-def policy_logprobs(head_VD: jax.Array, h_SRLD: jax.Array, choices_SRL: jax.Array,
-                    values_SRL: jax.Array, cfg: QuietStarConfig) -> jax.Array:
-    """`values` (the thought tokens' log-probs at reinforce_temperature) with their gradient.
-
-    `head_VD` is `speakable_head`'s rows and `choices` index `speakable_ids`. The gradient flows
-    into the output head and the chain states `h` [S, R, L, D] (rows rationale-major, R = P * B).
-    It is computed pass by pass on the `cfg.policy_rows` rationales of each position with the
-    largest cotangents, the logits recomputed for those rows only: the REINFORCE cotangents
-    (advantage-weighted) are zero on the others.
+    Each chain's token attends to the base keys/values `base_kv` [N, B, S, K, E] it sees
+    (`prefix`) and to its own chain's keys in `buffer` [N, B, L, C, K, E] that `chain_reads`
+    lets pass k see, merged in one softmax.
     """
-    temperature, p, m = cfg.reinforce_temperature, cfg.n_passes, cfg.policy_rows
-
-    def logprob(head_VD, h, choices):
-        return token_logprob(head_logits(head_VD, cfg, h), choices, temperature)
-
-    @jax.custom_vjp
-    def with_gradient(head_VD, h_SRLD, choices_SRL, values_SRL):
-        return values_SRL
-
-    def forward(head_VD, h_SRLD, choices_SRL, values_SRL):
-        return values_SRL, (head_VD, h_SRLD, choices_SRL)
-
-    def backward(saved, ct_SRL):
-        head_VD, h_SRLD, choices_SRL = saved
-        r, length = h_SRLD.shape[1:3]
-        by_rationale = lambda x: x.reshape((p, r // p) + x.shape[1:])  # noqa: E731 [P, B, L, ...]
-
-        def one_pass(d_head, xs):
-            h_PBLD, choices_PBL, ct_PBL = map(by_rationale, xs)
-            _, pick_BLM = jax.lax.top_k(jnp.moveaxis(jnp.abs(ct_PBL), 0, -1), m)
-            pick_MBL = jnp.moveaxis(pick_BLM, -1, 0)
-            take = lambda x: jnp.take_along_axis(  # noqa: E731
-                x, pick_MBL.reshape(pick_MBL.shape + (1,) * (x.ndim - 3)), 0)
-            _, vjp = jax.vjp(lambda hd, h: logprob(hd, h, take(choices_PBL)), head_VD, take(h_PBLD))
-            d_head_pass, d_h_MBLD = vjp(take(ct_PBL))
-            # Back to all P rationales: each picked row to its own, zero on the others.
-            chosen_MPBL = pick_MBL[:, None] == jnp.arange(p)[None, :, None, None]
-            d_h_PBLD = jnp.sum(jnp.where(chosen_MPBL[..., None], d_h_MBLD[:, None], 0), 0)
-            return d_head + d_head_pass, d_h_PBLD.reshape(r, length, -1)
-
-        d_head, d_h_SRLD = jax.lax.scan(one_pass, jnp.zeros_like(head_VD),
-                                        (h_SRLD, choices_SRL, ct_SRL))
-        return d_head, d_h_SRLD.astype(h_SRLD.dtype), None, jnp.zeros_like(ct_SRL)
-
-    with_gradient.defvjp(forward, backward)
-    return with_gradient(head_VD, h_SRLD, choices_SRL, jax.lax.stop_gradient(values_SRL))
-
-
-# ----------------------------------------------------------------------------- pass scans
-
-
-def _scan(step, params, base_kv, buffer, carry, floats, ints, keep_carries: bool = False):
-    """jax.lax.scan of `step(params, base_kv, buffer, carry, float_x, int_x, None) -> (buffer,
-    carry, y)` over the leading axis of `floats` and `ints`: (final buffer, final carry, ys), and
-    with `keep_carries` the carry each step received, stacked."""
-
-    def body(state, xs):
-        buffer, carry = state
-        buffer, next_carry, y = step(params, base_kv, buffer, carry, *xs, None)
-        return (buffer, next_carry), ((carry, y) if keep_carries else y)
-
-    (buffer, carry), ys = jax.lax.scan(body, (buffer, carry), (floats, ints))
-    return buffer, carry, ys
-
-
-def _scan_against_final_buffer(step, params, base_kv, buffer, carry, floats, ints):
-    """`_scan` whose backward pass recomputes each pass against the final chain buffer.
-
-    Pass k reads only buffer slots < k - 1 (the chain mask hides the rest), and the final buffer
-    holds exactly those values, so the backward pass needs one buffer, not one per pass: saved
-    memory grows linearly with the number of passes. Each pass is recomputed in the backward
-    pass (rematerialised) with the tokens it drew (`replay`), which are not drawn again.
-    """
-
-    @jax.custom_vjp
-    def run(params, base_kv, buffer, carry, floats, ints):
-        return _scan(step, params, base_kv, buffer, carry, floats, ints)
-
-    def forward(params, base_kv, buffer, carry, floats, ints):
-        buffer, carry_out, (carries, ys) = _scan(step, params, base_kv, buffer, carry, floats,
-                                                 ints, keep_carries=True)
-        return (buffer, carry_out, ys), (params, base_kv, buffer, carries, floats, ints, ys)
-
-    def backward(saved, cotangents):
-        params, base_kv, final_buffer, carries, floats, ints, ys = saved
-        ct_buffer, ct_carry, ct_ys = cotangents
-        # Integer outputs (drawn tokens) have float0 cotangents, which cannot be scanned over.
-        ct_ys = jax.tree.map(lambda y, ct: ct if _is_float(y) else jnp.zeros(y.shape[:1]),
-                             ys, ct_ys)
-
-        def body(acc, xs):
-            ct_params, ct_base_kv, ct_buffer, ct_carry = acc
-            carry, x_float, x_int, y, ct_y = xs
-            ct_y = jax.tree.map(lambda y, ct: ct if _is_float(y) else np.zeros(
-                y.shape, jax.dtypes.float0), y, ct_y)
-            _, vjp = jax.vjp(lambda p, kv, buf, c, xf: step(p, kv, buf, c, xf, x_int, y),
-                             params, base_kv, final_buffer, carry, x_float)
-            d_params, d_base_kv, ct_buffer, ct_carry, d_x = vjp((ct_buffer, ct_carry, ct_y))
-            add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
-            return (add(ct_params, d_params), add(ct_base_kv, d_base_kv), ct_buffer,
-                    ct_carry), d_x
-
-        zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
-        (d_params, d_base_kv, d_buffer, d_carry), d_floats = jax.lax.scan(
-            body, (zeros(params), zeros(base_kv), ct_buffer, ct_carry),
-            (carries, floats, ints, ys, ct_ys), reverse=True)
-        return d_params, d_base_kv, d_buffer, d_carry, d_floats, None
-
-    run.defvjp(forward, backward)
-    return run(params, base_kv, buffer, carry, floats, ints)
-
-
-def _is_float(x: jax.Array) -> bool:
-    return jnp.issubdtype(x.dtype, jnp.inexact)
+    q_pos_BL = prefix.start_BL + k
+    seen_BLS = visible(prefix.start_BL, prefix.key_positions_BS, prefix.key_valid_BS)
+    window = cfg.model.sliding_window
+    if window is not None:
+        seen_BLS &= (q_pos_BL[:, :, None] - prefix.key_positions_BS[:, None, :]) < window
+    n_slots = buffer.k.shape[3]
+    chain_BLC = jnp.broadcast_to(jnp.asarray(chain_reads(n_slots))[k], q_pos_BL.shape + (n_slots,))
+    ctx = Context(Masks(prefix_BLS=seen_BLS, chain_BLC=chain_BLC), prefix=base_kv, chain=buffer)
+    h_BLD, new = hidden(params, cfg, x_BLD, q_pos_BL, ctx)
+    slot = lambda buf, x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+        buf, x.astype(buf.dtype), k - 1, 3)
+    return h_BLD, KeyValues(slot(buffer.k, new.k), slot(buffer.v, new.v))

@@ -42,7 +42,7 @@ from qstar_jax import (
     steps,
 )
 from qstar_jax import config as config_lib
-from qstar_jax.thoughts import check_batch
+from qstar_jax.rollout import check_batch
 from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
 
 SAMPLE_THOUGHTS = 3  # decoded thoughts logged at each evaluation

@@ -14,7 +14,7 @@ from test_generate import save_tiny_checkpoint
 from qstar_jax import evaluate as ev
 from qstar_jax import generate, loading
 from qstar_jax.model import Transformer
-from qstar_jax.thoughts import rollout
+from qstar_jax.rollout import rollout
 
 GSM8K = [
     {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},

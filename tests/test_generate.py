@@ -13,7 +13,8 @@ from qstar_jax import generate, hf_checkpoint, loading
 from qstar_jax import tokenizer as tk
 from qstar_jax.generate import Decoder, Sampling
 from qstar_jax.model import ModelConfig, Transformer, abstract_params
-from qstar_jax.thoughts import QuietStarConfig, add_thought_params, mask_thought_logits, rollout
+from qstar_jax.rollout import rollout
+from qstar_jax.thoughts import QuietStarConfig, add_thought_params, mask_thought_logits
 
 BASE_VOCAB = 60  # + 2 thought tokens
 START, END = BASE_VOCAB, BASE_VOCAB + 1

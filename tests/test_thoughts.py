@@ -14,18 +14,26 @@ import torch
 import transformers
 
 from qstar_jax import hf_checkpoint
+from qstar_jax import rollout as rollout_module
+from qstar_jax import thoughts as thoughts_module
 from qstar_jax.model import ModelConfig, Transformer, init_params
 from qstar_jax.objective import quiet_star_loss
+from qstar_jax.rollout import (
+    check_reads_before_writes,
+    from_rows,
+    policy_logprobs,
+    rollout,
+    to_rows,
+)
 from qstar_jax.scoring import evaluation_config, token_losses
 from qstar_jax.thoughts import (
     QuietStarConfig,
     add_thought_params,
+    chain_reads,
     head_logits,
     head_rows,
     lm_logits,
     mask_thought_logits,
-    policy_logprobs,
-    rollout,
     sample,
     speakable_columns,
     speakable_head,
@@ -285,23 +293,26 @@ def test_gradients_match_naive_growing_mask(setup, tmp_path):
         assert np.abs(ours[name]).max() > 0, name
 
 
-@pytest.mark.parametrize("trice", [True, False])
-def test_policy_gradient_on_the_rows_that_carry_it(setup, trice):
-    """The thought log-probs' gradient equals plain autodiff for REINFORCE-shaped cotangents.
+@pytest.mark.parametrize("trice, bonus", [(True, False), (False, False), (True, True)])
+def test_policy_gradient_on_the_rows_that_carry_it(setup, trice, bonus):
+    """The thought log-probs' gradient equals plain autodiff, for any cotangent.
 
     With the TRICE baseline at most one of a position's two rationales has a positive advantage
-    and only that row is recomputed; without it every row is.
+    and only that row is recomputed; without it every row is. A second term on every
+    rationale's log-probs (`bonus`, an entropy bonus say) reaches both rows: all are recomputed.
     """
     cfg, params, _ = setup
     cfg = cfg.replace(use_trice_baseline=trice)
     s, r, d = cfg.n_sampled, cfg.n_passes * B, cfg.model.d_model
-    keys = jax.random.split(jax.random.key(5), 4)
+    keys = jax.random.split(jax.random.key(5), 5)
     h_SRLD = jax.random.normal(keys[0], (s, r, L, d))
     tokens_SRL = jax.random.randint(keys[1], (s, r, L), 1, BASE_VOCAB)
     ct_SRL = jax.random.normal(keys[2], (s, r, L))
     if trice:  # zero on one random rationale of each position, as clamped advantages are
         zero_SBL = jax.random.bernoulli(keys[3], 0.5, (s, B, L))
         ct_SRL = ct_SRL * jnp.concatenate([zero_SBL, ~zero_SBL], 1)
+    if bonus:
+        ct_SRL = ct_SRL + 0.1 * jax.random.normal(keys[4], (s, r, L))
 
     def plain(p, h):
         logits = mask_thought_logits(lm_logits(p, cfg, h), cfg)
@@ -324,6 +335,47 @@ def test_policy_gradient_on_the_rows_that_carry_it(setup, trice):
     np.testing.assert_allclose(got_params["decoder"]["lm_head"]["kernel"], want_head,
                                atol=1e-6 * np.abs(want_head).max())
     assert np.abs(got_h).max() > 0
+
+
+def test_a_second_loss_term_on_thought_logprobs_gets_its_whole_gradient(setup, tmp_path):
+    """With the TRICE baseline the policy gradient recomputes one rationale per position; a term
+    on every rationale's thought log-probs still gets the naive reference's autograd gradient."""
+    cfg, params, path = setup
+    assert cfg.policy_rows < cfg.n_passes
+    tokens, thoughts = batch_tokens(), forced_thoughts(cfg)
+    weights = np.random.RandomState(2).normal(size=thoughts.shape).astype(np.float32)
+    naive = NaiveQuietStar(path, cfg)
+    (torch.tensor(weights) * naive.loss(tokens, thoughts)["logprobs"]).sum().backward()
+
+    def bonus(p):
+        ro = rollout(p, jnp.asarray(tokens), jnp.asarray(tokens != PAD), jax.random.key(0), cfg,
+                     jnp.asarray(thoughts))
+        return jnp.sum(weights * ro.thought_logprobs)
+
+    ours = grads_by_hf_name(jax.jit(jax.grad(bonus))(params), cfg, tmp_path / "grads")
+    theirs = {n: p.grad for n, p in naive.lm.named_parameters()}
+    theirs.update({n: p.grad for n, p in naive.extra.items()})
+    for name, g in theirs.items():
+        g = np.zeros_like(ours[name]) if g is None else g.numpy()
+        scale = max(np.abs(g).max(), 1e-6)
+        np.testing.assert_allclose(ours[name] / scale, g / scale, atol=1e-5, err_msg=name)
+    assert np.abs(ours["model.layers.0.self_attn.q_proj.weight"]).max() > 0
+
+
+def test_chain_mask_that_shows_a_later_slot_is_caught(setup, monkeypatch):
+    """The rematerialised pass scan recomputes each pass against the final chain buffer, right
+    only while pass k reads no slot written at or after it: a mask that leaks one is named."""
+    check_reads_before_writes(chain_reads(6))
+    own_slot = chain_reads(6) | np.eye(7, 6, -1, dtype=bool)  # pass k also reads slot k - 1
+    with pytest.raises(ValueError, match="chain pass 1 reads buffer slot 0, written by pass 1"):
+        check_reads_before_writes(own_slot)
+    cfg, params, _ = setup
+    tokens = jnp.asarray(batch_tokens())
+    leaky = lambda n: np.ones((n + 1, n), bool)  # noqa: E731
+    monkeypatch.setattr(thoughts_module, "chain_reads", leaky)
+    monkeypatch.setattr(rollout_module, "chain_reads", leaky)
+    with pytest.raises(ValueError, match="chain pass 1 reads buffer slot 0"):
+        rollout(params, tokens, tokens != PAD, jax.random.key(0), cfg)
 
 
 def test_chain_sees_nothing_of_the_future(setup):
@@ -420,6 +472,42 @@ def test_thought_logits_are_the_full_logits_without_the_thought_tokens(setup, th
     np.testing.assert_array_equal(speakable_columns(full, cfg), full[:, keep])
     np.testing.assert_array_equal(speakable_index(jnp.asarray(keep), cfg), np.arange(keep.size))
     np.testing.assert_array_equal(speakable_token(jnp.arange(keep.size), cfg), keep)
+
+
+@pytest.mark.parametrize("thought_ids", [(BASE_VOCAB, BASE_VOCAB + 1), (5, 2), (BASE_VOCAB + 1, 3)])
+def test_speakable_index_is_defined_for_every_id_under_jit(setup, thought_ids):
+    """A permutation of the vocabulary with the thought ids last, the lower first; its inverse
+    is `speakable_token`."""
+    cfg = setup[0].replace(start_thought_id=thought_ids[0], end_thought_id=thought_ids[1])
+    v = cfg.model.vocab_size
+    index = jax.jit(lambda t: speakable_index(t, cfg))(jnp.arange(v))
+    np.testing.assert_array_equal(np.sort(index), np.arange(v))
+    assert (index[min(thought_ids)], index[max(thought_ids)]) == (v - 2, v - 1)
+    np.testing.assert_array_equal(jax.jit(lambda i: speakable_token(i, cfg))(index), np.arange(v))
+
+
+def test_forced_thought_id_under_jit_gives_nan_logprob(setup):
+    """Traced forced thoughts are not checked: a thought id among them is fed as itself, comes
+    back as given, and its log-prob under the thought distribution (which excludes it) is NaN."""
+    cfg, params, _ = setup
+    cfg = cfg.replace(start_thought_id=5, end_thought_id=2)
+    tokens = jnp.asarray(batch_tokens())
+    forced = forced_thoughts(cfg)
+    forced = np.where(np.isin(forced, (5, 2)), 1, forced)
+    forced[0, 1, 3, 0] = cfg.end_thought_id
+    ro = jax.jit(lambda th: rollout(params, tokens, tokens != PAD, jax.random.key(0), cfg, th))(
+        jnp.asarray(forced))
+    np.testing.assert_array_equal(ro.thought_tokens, forced)
+    nan = np.isnan(np.asarray(ro.thought_logprobs))
+    assert nan[0, 1, 3, 0] and nan.sum() == 1
+
+
+def test_rows_are_rationale_major():
+    x_PB = jnp.arange(2 * 3 * 4).reshape(1, 2, 3, 4)
+    x_R = to_rows(x_PB, axis=1)
+    assert x_R.shape == (1, 6, 4)
+    np.testing.assert_array_equal(x_R[0, 1 * 3 + 2], x_PB[0, 1, 2])  # row p * B + b
+    np.testing.assert_array_equal(from_rows(x_R, 2, axis=1), x_PB)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
