@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.model import Params
-from qstar_jax.rollout import _shift, rollout
+from qstar_jax.rollout import rollout, shifted
 from qstar_jax.thoughts import QuietStarConfig, token_logprob
 
 
@@ -56,8 +56,8 @@ def quiet_star_loss(params: Params, batch: dict, rng: jax.Array, cfg: QuietStarC
     ro = rollout(params, tokens_BL, mask_BL, rng, cfg, thought_tokens)
 
     # CE_0[j] = -log p_base(x[j+1]); zero where the label is ignored or past the end.
-    next_valid_BL = _shift(mask_BL, 1, False)
-    ce0_BL = jnp.where(next_valid_BL, -token_logprob(ro.base_logits, _shift(tokens_BL, 1)), 0.0)
+    next_valid_BL = shifted(mask_BL, 1, False)
+    ce0_BL = jnp.where(next_valid_BL, -token_logprob(ro.base_logits, shifted(tokens_BL, 1)), 0.0)
     loss_base = _masked_mean(ce0_BL, next_valid_BL)
     metrics = {"loss_base": loss_base}
     if not cfg.thinks:
@@ -70,7 +70,7 @@ def quiet_star_loss(params: Params, batch: dict, rng: jax.Array, cfg: QuietStarC
 
     t_talk = cfg.n_ahead_talk
     # CE_talk_t[j] = -log p_mix(x[j+1+t]), label validity shifted likewise.
-    talk_valid_BTL = jnp.stack([_shift(mask_BL, t + 1, False) for t in range(t_talk)], 1)
+    talk_valid_BTL = jnp.stack([shifted(mask_BL, t + 1, False) for t in range(t_talk)], 1)
     talk_valid_BPTL = jnp.broadcast_to(talk_valid_BTL[:, None], ro.talk_logprobs.shape)
     ce_talk_BPTL = jnp.where(talk_valid_BPTL, -ro.talk_logprobs, 0.0)
     loss_talk_T = jnp.stack([_masked_mean(ce_talk_BPTL[:, :, t], talk_valid_BPTL[:, :, t])

@@ -63,7 +63,7 @@ class Rollout:
     talk_logits: jax.Array | None = None  # [B, P, T, L, V], when asked
 
 
-def _shift(x_BL: jax.Array, t: int, fill=0) -> jax.Array:
+def shifted(x_BL: jax.Array, t: int, fill=0) -> jax.Array:
     """x[:, j + t] at column j, `fill` past the end."""
     if t == 0:
         return x_BL
@@ -303,9 +303,9 @@ def _talk_passes(params: Params, cfg: QuietStarConfig, prefix: ChainPrefix,
     inputs = TalkInputs(
         k=jnp.arange(cfg.n_ahead - 1, cfg.n_ahead - 1 + t_talk),
         x_RLD=jnp.stack([jnp.broadcast_to(end_D, h_base_RLD.shape)] + [
-            embed_tokens(params, cfg, _shift(tokens_RL, t)) for t in range(1, t_talk)]),
-        h_base_RLD=jnp.stack([_shift(h_base_RLD, t) for t in range(t_talk)]))
-    targets_TRL = jnp.stack([_shift(tokens_RL, t + 1) for t in range(t_talk)])
+            embed_tokens(params, cfg, shifted(tokens_RL, t)) for t in range(1, t_talk)]),
+        h_base_RLD=jnp.stack([shifted(h_base_RLD, t) for t in range(t_talk)]))
+    targets_TRL = jnp.stack([shifted(tokens_RL, t + 1) for t in range(t_talk)])
     step = functools.partial(_talk_step, cfg, prefix)
     _, _, (h_mix_TRLD, w_TRL) = _pass_scan(cfg)(step, params, base_kv_R, buffer, (), inputs)
     logits_TRLV, logprobs_TRL = jax.lax.map(functools.partial(_talk_head, params, cfg),

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.model import Params
-from qstar_jax.rollout import _shift, rollout
+from qstar_jax.rollout import rollout, shifted
 from qstar_jax.thoughts import QuietStarConfig, token_logprob
 
 
@@ -48,9 +48,9 @@ def token_losses(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: 
     cfg = evaluation_config(cfg, talk_offsets)
     ro = rollout(params, tokens_BL, mask_BL, rng, cfg)
     t_talk = cfg.n_ahead_talk if cfg.thinks else 1
-    valid_BTL = jnp.stack([_shift(mask_BL, t + 1, False) for t in range(t_talk)], 1)
+    valid_BTL = jnp.stack([shifted(mask_BL, t + 1, False) for t in range(t_talk)], 1)
     base_BL = jnp.where(valid_BTL[:, 0],
-                        -token_logprob(ro.base_logits, _shift(tokens_BL, 1)), 0.0)
+                        -token_logprob(ro.base_logits, shifted(tokens_BL, 1)), 0.0)
     talk_BTL = -ro.talk_logprobs[:, 0] if cfg.thinks else base_BL[:, None]
     return TokenLosses(base=base_BL, talk=jnp.where(valid_BTL, talk_BTL, 0.0), valid=valid_BTL,
                        thoughts=ro.thought_tokens[:, 0])
