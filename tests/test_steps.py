@@ -24,7 +24,8 @@ def tiny(tmp_path_factory):
     from tiny import get_config
 
     config = get_config()
-    config.update_from_flattened_dict({"model.n_layers": 1, "seq_len": 16, "data.num_synthetic": 200,
+    config.update_from_flattened_dict({"model.n_layers": 1, "seq_len": 16,
+                                       "data.num_synthetic": 200,
                                        "quiet_star.policy_loss_beta": 1.0})
     model = loading.load_model(config, str(tmp_path_factory.mktemp("tiny")))
     params = loading.random_params(model.cfg, model.init_token_id, jax.random.key(0))
