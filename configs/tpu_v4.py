@@ -5,9 +5,14 @@
 
 Batch 8 sequences (2 rationales each), 256-token random crops, n_ahead 12, n_ahead_talk 4, AdamW
 lr 1e-6 with 20 warmup steps, weight decay 0.001, clip 1.0, 100 steps, bf16 compute (float32
-master weights and optimizer state). The batch is split over every device of the fsdp axis, so
-it must be divisible by the device count: up to 8 chips as is (v4-16); on a larger slice set
---config.mesh.tensor so that devices / tensor divides 8.
+master weights and optimizer state). The mesh is chosen for the slice: the batch rows over the
+fsdp axis (weights sharded with them), the devices the batch cannot use to tensor parallelism;
+--config.mesh.fsdp / --config.mesh.tensor set them by hand.
+
+    python -m qstar_jax.train --config=configs/tpu_v4.py --compile_only=v4-64 \
+        --config.model.path=mistral-7b
+
+checks that the step fits a slice without a checkpoint (`compile_check.SHAPES` names shapes).
 """
 
 import ml_collections
@@ -27,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 8
     c.seed = 0
     c.distributed = True  # one process per TPU host
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=0, tensor=0))  # 0: chosen
     c.model = ml_collections.ConfigDict(dict(
         source="hf", path="",  # a Mistral-7B Hugging Face directory, --config.model.path
         dtype="bfloat16", param_dtype="float32", remat_policy="nothing_saveable",

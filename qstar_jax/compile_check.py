@@ -1,14 +1,19 @@
 """Compile the train step for an accelerator without running it: per-device memory against HBM.
 
-    python -m qstar_jax.train --config=configs/tpu_v4.py --compile_only=v4-64
+    python -m qstar_jax.train --config=configs/tpu_v4.py --compile_only=v4-64 \
+        --config.model.path=mistral-7b
 
 compiles for a TPU slice on this machine (with libtpu, no TPU, no weights read) and reports the
-memory XLA plans per device against the device's HBM.
+memory XLA plans per device against the device's HBM. The model needs no checkpoint: a named
+shape (SHAPES), a config.json, or a Hugging Face directory (without a tokenizer, the thought
+tokens go right after the config's vocabulary).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import tempfile
 import time
 
@@ -17,8 +22,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from qstar_jax import config as config_lib
-from qstar_jax import loading, sharding, steps
+from qstar_jax import hf_checkpoint, loading, sharding, steps
+from qstar_jax import tokenizer as tokenizer_lib
+from qstar_jax.model import RUNTIME_FIELDS
 from qstar_jax.rollout import check_batch
+from qstar_jax.thoughts import N_THOUGHT_TOKENS
 
 # Cloud TPU v4 slices are named by TensorCores, two per chip; JAX runs each chip as one
 # ("megacore") device. Slice -> chips along x, y, z (TensorCores / 2 in all).
@@ -29,6 +37,22 @@ V4_SLICES = {"v4-8": "2x2x1", "v4-16": "2x2x2", "v4-32": "2x2x4", "v4-64": "2x4x
 # out-of-memory error states it; compile-only devices report no memory stats. A v4 chip has
 # 32 GiB, a v5e 16, a v6e 32.
 HBM_GIB = {"TPU v4": 30.75, "TPU v5 lite": 15.75, "TPU v5": 95.73, "TPU v6 lite": 31.24}
+
+# Model shapes by name: the config.json fields of the released checkpoints that the fit depends on.
+SHAPES = {
+    "mistral-7b": {
+        "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": 32768, "rope_theta": 10000.0,
+        "sliding_window": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "llama-3.1-8b": {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+}
 
 
 class DoesNotFit(ValueError):
@@ -88,10 +112,9 @@ def compile_only(config: ml_collections.ConfigDict, accelerator: str,
     report, when the step needs more than the HBM or the TPU compiler runs out of it."""
     config_lib.check_run_config(config)
     topology, devices = compile_devices(accelerator)
-    mesh = sharding.make_mesh(config.mesh, devices)
+    mesh = sharding.make_mesh(config.mesh, devices, config.batch_size)
     sharding.check_batch_size(config.batch_size, mesh)
-    with tempfile.TemporaryDirectory() as workdir:  # a random model's tokenizer, then dropped
-        model = loading.load_model(config, workdir)
+    model = _weightless_model(config)
     check_batch(model.cfg, config.seq_len)
     trainer = steps.build(config, model, mesh)
     shape = (config.optim.grad_accum_steps, config.batch_size, config.seq_len)
@@ -132,3 +155,35 @@ def compile_only(config: ml_collections.ConfigDict, accelerator: str,
             f"{' '.join(f'{a}={n}' for a, n in mesh.shape.items())}): split it over more "
             "devices or lower batch_size or seq_len", report)
     return report
+
+
+def _weightless_model(config: ml_collections.ConfigDict) -> loading.Model:
+    """The model `config` names, shapes only. `model.path` may also name one of SHAPES or a
+    config.json; a directory without a tokenizer has the thought tokens after its vocabulary."""
+    source, path = config.model.source, config.model.get("path", "")
+    if source == "hf" and not path:
+        raise ValueError("model.path is empty: pass --config.model.path=PATH, a Hugging Face "
+                         f"directory, its config.json, or a shape ({', '.join(SHAPES)})")
+    config_lib.check_model_keys(config.model)
+    tokenizer_dir = source == "hf" and os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, n)) for n in tokenizer_lib.TOKENIZER_FILES)
+    if source != "hf" or tokenizer_dir:
+        with tempfile.TemporaryDirectory() as workdir:  # a random model's tokenizer, dropped
+            return loading.load_model(config, workdir)
+    runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
+    with tempfile.TemporaryDirectory() as tmp:
+        if path in SHAPES:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(SHAPES[path], f)
+            path = tmp
+        elif os.path.basename(path) == "config.json":
+            path = os.path.dirname(path) or "."
+        elif not os.path.isdir(path):
+            raise ValueError(f"model.path={path}: no such directory, config.json or shape "
+                             f"({', '.join(SHAPES)})")
+        model_cfg = hf_checkpoint.read_config(path, **runtime)
+    vocab = model_cfg.vocab_size
+    ids = config_lib.ThoughtIds(start_thought_id=vocab, end_thought_id=vocab + 1, pad_id=0)
+    grown = model_cfg.replace(vocab_size=vocab + N_THOUGHT_TOKENS)
+    return loading.Model(config_lib.quiet_star_config(config.quiet_star, grown, ids),
+                         tokenizer=None, init_token_id=0, load=None)

@@ -66,9 +66,17 @@ def check_model_keys(model: ml_collections.ConfigDict) -> None:
                          "checkpoint directory)")
 
 
+@dataclasses.dataclass(frozen=True)
+class ThoughtIds:
+    """The token ids a QuietStarConfig takes from a tokenizer, for a model that has none."""
+
+    start_thought_id: int
+    end_thought_id: int
+    pad_id: int
+
 
 def quiet_star_config(section: ml_collections.ConfigDict, model_cfg: ModelConfig,
-                      tokenizer: tokenizer_lib.Tokenizer) -> QuietStarConfig:
+                      tokenizer: tokenizer_lib.Tokenizer | ThoughtIds) -> QuietStarConfig:
     """QuietStarConfig from the `quiet_star` section; token ids come from the tokenizer."""
     fields = {f.name for f in dataclasses.fields(QuietStarConfig)}
     unknown = sorted(set(section) - (fields - _NOT_SETTABLE))

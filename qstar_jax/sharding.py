@@ -54,13 +54,27 @@ def activate(mesh: Mesh) -> Iterator[None]:
         yield
 
 
-def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes for `n_devices`; at most one size may be -1 (fills the rest)."""
+AUTO = 0  # a mesh size of 0: chosen from the device count and the batch (see `mesh_shape`)
+
+
+def mesh_shape(sizes: Mapping[str, int], n_devices: int,
+               global_batch: int | None = None) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes for `n_devices`.
+
+    A size of -1 fills the devices the others leave (at most one). Sizes of 0 (AUTO) are chosen:
+    the batch axes that are AUTO take the most devices that split `global_batch` rows evenly
+    (fsdp when both are AUTO), and an AUTO tensor axis the devices left over.
+    """
     shape = [int(sizes[a]) for a in MESH_AXES]
     text = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True))
-    if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-        raise ValueError(f"mesh {text}: sizes must be positive, with at most one -1 (fill)")
-    known = math.prod(s for s in shape if s != -1)
+    if any(s < -1 for s in shape) or shape.count(-1) > 1 or (-1 in shape and AUTO in shape):
+        raise ValueError(f"mesh {text}: each size is positive, 0 (chosen) or -1 (the rest; "
+                         "at most one -1, and not with 0)")
+    known = math.prod(s for s in shape if s > 0)
+    if AUTO in shape:
+        if n_devices % known:
+            raise ValueError(f"mesh {text}: {n_devices} devices do not divide into {known}")
+        return _chosen(shape, n_devices // known, global_batch, text)
     if -1 in shape:
         if n_devices % known:
             raise ValueError(f"mesh {text}: {n_devices} devices do not divide into {known}")
@@ -70,17 +84,47 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, int, int]
     return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def _chosen(shape: list[int], free: int, global_batch: int | None,
+            text: str) -> tuple[int, int, int]:
+    """`shape` with its AUTO sizes filled from the `free` devices the fixed sizes leave."""
+    data, fsdp, tensor = shape
+    batch_axes = [i for i in (1, 0) if shape[i] == AUTO]  # fsdp first
+    split = 1
+    if batch_axes:
+        if global_batch is None:
+            raise ValueError(f"mesh {text}: choosing the batch axes needs the batch size")
+        rows = global_batch // math.prod(s for s in (data, fsdp) if s > 0)
+        split = max(d for d in range(1, free + 1) if free % d == 0 and rows % d == 0)
+    rest = free // split
+    if tensor != AUTO and rest != 1:
+        raise ValueError(f"mesh {text}: batch_size={global_batch} splits over only {split} of "
+                         f"the {free} devices left; set --config.mesh.tensor=0 to give the rest "
+                         "to tensor parallelism, or a batch_size that they divide")
+    for i in batch_axes:
+        shape[i] = 1
+    if batch_axes:
+        shape[batch_axes[0]] = split
+    if tensor == AUTO:
+        shape[2] = rest
+    return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              global_batch: int | None = None) -> Mesh:
     """The run's mesh over `devices` (default: all devices of all processes; compile-only TPU
-    devices for ahead-of-time compilation), axes in auto (GSPMD) mode."""
-    shape = mesh_shape(sizes, len(devices) if devices is not None else jax.device_count())
+    devices for ahead-of-time compilation), axes in auto (GSPMD) mode; AUTO sizes are chosen
+    for `global_batch` (see `mesh_shape`)."""
+    n_devices = len(devices) if devices is not None else jax.device_count()
+    shape = mesh_shape(sizes, n_devices, global_batch)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
 
 
-def describe(mesh: Mesh) -> str:
-    """One line naming the mesh, e.g. 'data=2 fsdp=2 tensor=2 over 8 cpu devices (1 process)'."""
-    axes = " ".join(f"{a}={s}" for a, s in mesh.shape.items())
+def describe(mesh: Mesh, sizes: Mapping[str, int] | None = None) -> str:
+    """One line naming the mesh, e.g. 'data=2 fsdp=2 tensor=2 over 8 cpu devices (1 process)',
+    marking the sizes chosen because `sizes` (the config's) left them AUTO."""
+    axes = " ".join(f"{a}={s}" + (" (chosen)" if sizes is not None and sizes[a] == AUTO else "")
+                    for a, s in mesh.shape.items())
     kind = mesh.devices.flat[0].device_kind
     return (f"{axes} over {mesh.devices.size} {kind} devices ({jax.process_count()} "
             f"process{'es' if jax.process_count() > 1 else ''})")

@@ -212,15 +212,17 @@ class HFTokenizer(Tokenizer):
         self._tok.save(os.path.join(directory, "tokenizer.json"))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what a tokenizer directory holds
+
+
 def load(path: str) -> Tokenizer:
     """A tokenizer from a directory (tokenizer.json or tokenizer.model, plus added_tokens.json and
     tokenizer_config.json when present) or from one .model / .json / .gguf file."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        names = ("tokenizer.json", "tokenizer.model")
-        found = [n for n in names if os.path.isfile(os.path.join(path, n))]
+        found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
         if not found:
-            raise FileNotFoundError(f"{path}: directory holds none of {', '.join(names)}")
+            raise FileNotFoundError(f"{path}: directory holds none of {', '.join(TOKENIZER_FILES)}")
         path = os.path.join(path, found[0])
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such tokenizer file or directory")

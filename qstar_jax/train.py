@@ -147,11 +147,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 f"distributed=True, but this machine is not a host of a TPU pod ({e}): such runs "
                 "are started on every host by launch/train.sh; to run this config on one "
                 "machine, add --config.distributed=False") from None
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, global_batch=config.batch_size)
     sharding.check_batch_size(config.batch_size, mesh)
     outputs.prepare_workdir(workdir, jax.process_index())
     logs.say("config:\n%s", config)
-    logs.say("mesh: %s", sharding.describe(mesh))
+    logs.say("mesh: %s", sharding.describe(mesh, config.mesh))
     checkpoint.save_config(workdir, config)
     model = loading.load_model(config, workdir)
     check_batch(model.cfg, config.seq_len)

@@ -70,11 +70,43 @@ def test_mesh_shape_fills_one_axis(sizes, expected):
     ({"data": 2, "fsdp": 2, "tensor": 1}, "needs 4 devices, but 8 are available"),
     ({"data": 3, "fsdp": -1, "tensor": 1}, "8 devices do not divide into 3"),
     ({"data": -1, "fsdp": -1, "tensor": 1}, "at most one -1"),
-    ({"data": 0, "fsdp": 8, "tensor": 1}, "sizes must be positive"),
+    ({"data": 0, "fsdp": -1, "tensor": 1}, "not with 0"),
+    ({"data": -2, "fsdp": 8, "tensor": 1}, "each size is positive"),
 ])
 def test_mesh_shape_errors_name_the_problem(sizes, message):
     with pytest.raises(ValueError, match=message):
         sharding.mesh_shape(sizes, 8)
+
+
+# configs/tpu_v4.py's mesh (data 1, fsdp and tensor chosen) on every v4 slice from v4-8 (4
+# chips) to v4-512 (256): the 8 rows over fsdp, the rest to tensor; fewer devices than rows take
+# the devices the rows divide into.
+@pytest.mark.parametrize("n_devices, batch, expected", [
+    (1, 8, (1, 1, 1)), (4, 8, (1, 4, 1)), (8, 8, (1, 8, 1)), (16, 8, (1, 8, 2)),
+    (32, 8, (1, 8, 4)), (64, 8, (1, 8, 8)), (128, 8, (1, 8, 16)), (256, 8, (1, 8, 32)),
+    (16, 12, (1, 4, 4)), (6, 8, (1, 2, 3)), (32, 64, (1, 32, 1)),
+])
+def test_chosen_mesh_splits_the_rows_then_gives_the_rest_to_tensor(n_devices, batch, expected):
+    shape = sharding.mesh_shape({"data": 1, "fsdp": 0, "tensor": 0}, n_devices, batch)
+    assert shape == expected
+    data, fsdp, tensor = shape
+    assert data * fsdp * tensor == n_devices and batch % (data * fsdp) == 0
+
+
+@pytest.mark.parametrize("sizes, batch, expected", [
+    ({"data": 0, "fsdp": 0, "tensor": 1}, 8, (1, 8, 1)),  # both batch axes chosen: fsdp
+    ({"data": 0, "fsdp": 1, "tensor": 0}, 4, (4, 1, 2)),
+    ({"data": 2, "fsdp": 0, "tensor": 0}, 4, (2, 2, 2)),  # 2 rows per data group, over fsdp
+    ({"data": 1, "fsdp": 2, "tensor": 0}, 8, (1, 2, 4)),
+])
+def test_chosen_mesh_keeps_the_sizes_given(sizes, batch, expected):
+    assert sharding.mesh_shape(sizes, 8, batch) == expected
+
+
+def test_chosen_mesh_without_tensor_says_how_to_use_the_devices():
+    with pytest.raises(ValueError, match=r"batch_size=4 splits over only 4 of the 8 devices.*"
+                                         r"--config.mesh.tensor=0"):
+        sharding.mesh_shape({"data": 1, "fsdp": 0, "tensor": 1}, 8, 4)
 
 
 MESHES_SCRIPT = textwrap.dedent("""

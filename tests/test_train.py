@@ -555,12 +555,22 @@ def test_gpu_config_is_a_one_billion_parameter_model():
 
 COMPILE_SCRIPT = textwrap.dedent("""
     import json, sys
+    import ml_collections
     sys.path.insert(0, sys.argv[2])
     from tiny import get_config
     from qstar_jax import compile_check
 
     config = get_config()
     config.update_from_flattened_dict(json.loads(sys.argv[1]))
+    # configs/tiny.py's shape as a config.json alone: no weights, no tokenizer
+    with open("config.json", "w") as f:
+        json.dump({"model_type": "llama", "vocab_size": 384, "hidden_size": 64,
+                   "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                   "max_position_embeddings": 256}, f)
+    config.model = ml_collections.ConfigDict(dict(
+        source="hf", path="config.json", dtype="float32", param_dtype="float32",
+        remat_policy="none", scan_layers=True))
     out = {"large": compile_check.compile_only(config, "cpu", hbm_bytes=2**40)}
     try:
         compile_check.compile_only(config, "cpu", hbm_bytes=2**20)
@@ -571,8 +581,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
 
 
 def test_compile_only_reports_memory_per_device_against_the_hbm(env, tmp_path):
-    """The real train step, compiled without running, for this host's CPU device: XLA's memory
-    figures, and DoesNotFit with them when the HBM is smaller (the second compile is cached)."""
+    """The real train step of a model given by its config.json alone, compiled without running
+    for this host's CPU device: XLA's memory figures, and DoesNotFit with them when the HBM is
+    smaller (the second compile is cached)."""
     overrides = {**RUN, "quiet_star.n_ahead": 3}  # the shortest thought: a faster compile
     proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(overrides),
                            str(ROOT / "configs")], env=env, cwd=tmp_path, capture_output=True,
@@ -615,29 +626,30 @@ def test_compile_only_devices_of_v4_slices_are_chips():
         assert (found, len(devices), devices[0].device_kind) == (topology, chips, "TPU v4")
 
 
-def test_compile_benchmark_stub_is_mistral_7b_with_thought_tokens_added(tmp_path):
-    """benchmarks/tpu_compile.py's stand-in directory reads as Mistral-7B-v0.1 plus the two
-    thought tokens (ids 32000, 32001) through configs/tpu_v4.py, with no weights."""
-    import importlib.util
+def test_named_shape_is_mistral_7b_with_thought_tokens_added():
+    """--compile_only's model.path=mistral-7b reads as Mistral-7B-v0.1 plus the two thought tokens
+    (ids 32000, 32001) through configs/tpu_v4.py, with no checkpoint."""
     import math
 
     import jax
     from tpu_v4 import get_config
 
-    from qstar_jax import loading
+    from qstar_jax import compile_check
 
-    spec = importlib.util.spec_from_file_location("tpu_compile",
-                                                  ROOT / "benchmarks" / "tpu_compile.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     config = get_config()
-    config.model.path = str(bench.write_stub(tmp_path / "mistral"))
-    model = loading.load_model(config, str(tmp_path))
+    config.model.path = "mistral-7b"
+    model = compile_check._weightless_model(config)
     m = model.cfg.model
     assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim,
             m.sliding_window, m.tie_embeddings) == (32002, 4096, 32, 32, 8, 14336, 4096, False)
-    assert (model.cfg.start_thought_id, model.cfg.end_thought_id, model.cfg.pad_id) == \
-        (32000, 32001, 2)
+    assert (model.cfg.start_thought_id, model.cfg.end_thought_id) == (32000, 32001)
     assert (model.cfg.n_ahead, model.cfg.n_ahead_talk, model.cfg.n_passes) == (12, 4, 2)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.abstract_params()))
-    assert 7.2e9 < n_params < 7.4e9
+    assert 7.2e9 < n_params < 7.4e9  # Mistral-7B's 7.24e9, plus two rows and the mixing head
+    config.model.path = "llama-3.1-8b"
+    m = compile_check._weightless_model(config).cfg.model
+    assert (m.vocab_size, m.rope_theta, m.rope_llama3_scaling) == (128258, 500000.0,
+                                                                   (8.0, 1.0, 4.0, 8192))
+    config.model.path = "mistral-8b"
+    with pytest.raises(ValueError, match="no such directory, config.json or shape"):
+        compile_check._weightless_model(config)
