@@ -1,12 +1,14 @@
 """Milliseconds per generated token (fastest of N): KV-cached "think, then speak" against re-running
 a parallel forward over the whole context for every new token, as the authors' code does.
 
-    python benchmarks/generate.py [--contexts 128 512] [--tokens 32]
+    python benchmarks/generate.py [--config cpu|gpu_1b] [--contexts 128 512] [--tokens 32]
+                                  [--cached_only]
 
-Prints one JSON object. Model: d_model 256, 4 layers, 8 heads, 2 kv heads, ffn 704, vocabulary
-32000 (+2 thought tokens), n_ahead 12, random weights, float32, batch 1. Thoughts sampled (the
-config's default) and greedy. Two re-run baselines: the authors' forward (`naive_rollout`: growing
-block mask, one-hot embeddings, Gumbel-max draws) and qstar_jax's own parallel rollout.
+Prints one JSON object. Model: `train_step.py`'s setup of that name (cpu: d_model 256, 4 layers,
+8 heads, 2 kv heads, ffn 704, float32), vocabulary 32000 (+2 thought tokens), n_ahead 12, random
+weights, batch 1. Thoughts sampled (the config's default) and greedy. Two re-run baselines
+(skipped with --cached_only): the authors' forward (`naive_rollout`: growing block mask, one-hot
+embeddings, Gumbel-max draws) and qstar_jax's own parallel rollout.
 """
 
 from __future__ import annotations
@@ -20,19 +22,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from naive_rollout import naive_loss  # benchmarks/ is on the path when run as a script
+from train_step import SETUPS
 
 from qstar_jax.generate import Decoder
 from qstar_jax.model import ModelConfig, init_params
 from qstar_jax.rollout import rollout
 from qstar_jax.thoughts import QuietStarConfig, add_thought_params, mask_thought_logits
 
-MODEL = ModelConfig(vocab_size=32000, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2,
-                    ffn_dim=704, remat_policy="none")
 
-
-def build() -> tuple[QuietStarConfig, dict]:
-    base = init_params(MODEL, jax.random.key(0))
-    model, params = add_thought_params(base, MODEL, 1, jax.random.key(1))
+def build(base_cfg: ModelConfig) -> tuple[QuietStarConfig, dict]:
+    base = init_params(base_cfg, jax.random.key(0))
+    model, params = add_thought_params(base, base_cfg, 1, jax.random.key(1))
     cfg = QuietStarConfig(model, 32000, 32001, pad_id=0, n_ahead=12, n_ahead_talk=1, n_passes=1)
     return cfg, params
 
@@ -95,32 +95,39 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--tokens", type=int, default=32, help="timed tokens per setting")
     parser.add_argument("--rerun_tokens", type=int, default=3, help="timed re-runs per setting")
+    parser.add_argument("--config", choices=sorted(SETUPS), default="cpu")
+    parser.add_argument("--cached_only", action="store_true", help="no re-run baselines")
     args = parser.parse_args()
-    cfg, params = build()
+    model = SETUPS[args.config].model
+    cfg, params = build(model)
     results = {}
     for context in args.contexts:
         plain = time_cached(params, cfg, context, args.tokens, thinking=False)
         row = {"ms_per_token_no_thinking": round(plain, 3)}
         for thoughts, c in (("sampled", cfg), ("greedy", cfg.replace(greedy_thoughts=True))):
             think = time_cached(params, c, context, args.tokens, thinking=True)
+            row[f"{thoughts}_thoughts"] = {"ms_per_token_thinking": round(think, 3),
+                                           "thinking_over_no_thinking": round(think / plain, 2)}
+            if args.cached_only:
+                continue
             rerun = time_rerun(params, c, context, args.rerun_tokens)
             authors = time_rerun_authors(params, c, context, args.rerun_tokens)
-            row[f"{thoughts}_thoughts"] = {
-                "ms_per_token_thinking": round(think, 3),
+            row[f"{thoughts}_thoughts"].update({
                 "ms_per_token_rerun_authors": round(authors, 2),
                 "rerun_authors_over_thinking": round(authors / think, 1),
                 "ms_per_token_rerun_parallel": round(rerun, 2),
                 "rerun_over_thinking": round(rerun / think, 1),
-                "thinking_over_no_thinking": round(think / plain, 2),
-            }
+            })
         results[str(context)] = row
     lo, hi = (str(c) for c in (min(args.contexts), max(args.contexts)))
     cost = lambda c: results[c]["sampled_thoughts"]["ms_per_token_thinking"]  # noqa: E731
     growth = {"context_ratio": round(int(hi) / int(lo), 2),
               "thinking_cost_ratio": round(cost(hi) / cost(lo), 2)}
     print(json.dumps({"device": jax.devices()[0].device_kind, "machine": platform.machine(),
-                      "model": {"d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2,
-                                "ffn_dim": 704, "vocab_size": 32002, "n_ahead": 12},
+                      "config": args.config,
+                      "model": {k: getattr(model, k) for k in (
+                          "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "dtype")}
+                      | {"vocab_size": cfg.model.vocab_size, "n_ahead": cfg.n_ahead},
                       "contexts": results, "growth": growth}, indent=2))
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--config cpu|gpu_1b] [--steps 5] [--naive_steps 3]
                                     [--naive cached|rerun] [--skip_naive] [--peak_flops F]
-                                    [--no_remat_passes]
+                                    [--no_remat_passes] [--plain]
     python benchmarks/train_step.py --against DIR [--pairs 8]
     python benchmarks/train_step.py --check
 
@@ -108,7 +108,7 @@ def model_flops(cfg: QuietStarConfig, batch: int, length: int) -> float:
     m = cfg.model
     layer = m.n_layers * (m.d_model * m.head_dim * 2 * (m.n_heads + m.n_kv_heads)
                           + 3 * m.d_model * m.ffn_dim)
-    chains = cfg.n_passes * batch * length  # chain tokens per pass
+    chains = cfg.n_passes * batch * length if cfg.thinks else 0  # chain tokens per pass
     n_chain = cfg.n_chain_passes
     tokens = batch * length + chains * n_chain
     logit_tokens = batch * length + chains * (cfg.n_sampled + cfg.n_ahead_talk)
@@ -374,6 +374,9 @@ def main() -> None:
     parser.add_argument("--skip_naive", action="store_true", help="time our step only")
     parser.add_argument("--peak_flops", type=float, help="device peak FLOP/s for MFU "
                         "(default: bf16 peak of a known device kind)")
+    parser.add_argument("--plain", action="store_true",
+                        help="the same model trained without thoughts (n_ahead 1, n_ahead_talk 1,"
+                        " one rationale): what the thoughts cost")
     parser.add_argument("--no_remat_passes", action="store_true",
                         help="keep every chain pass's activations instead of recomputing them "
                         "in the backward pass (QuietStarConfig.remat_passes=False)")
@@ -396,7 +399,10 @@ def main() -> None:
         print(json.dumps(paired(args.config, args.against, args.pairs,
                                 not args.no_remat_passes), indent=2))
         return
-    naive = None if args.skip_naive else args.naive
+    if args.plain:
+        SETUPS[args.config] = dataclasses.replace(SETUPS[args.config], n_ahead=1, n_ahead_talk=1,
+                                                  n_passes=1)
+    naive = None if args.skip_naive or args.plain else args.naive
     print(json.dumps(benchmark(args.config, args.steps, args.naive_steps, naive,
                                args.peak_flops, not args.no_remat_passes), indent=2))
 
