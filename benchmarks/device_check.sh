@@ -7,7 +7,7 @@
 #     bash benchmarks/device_check.sh --small   # the `cpu` setups: checks the script on a CPU
 #
 # A machine without ml_collections gets it from benchmarks/wheels/ (nothing else the check
-# imports is missing from a JAX+CUDA image). Runs in about 5 minutes on an H100.
+# imports is missing from a JAX+CUDA image). Sized to finish within 8 minutes on one H100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=gpu_1b
