@@ -129,10 +129,9 @@ def test_new_parameters_have_logical_axis_names():
 # ----------------------------------------------------------------------------- thought tokens
 
 
-def qwen_style_directory(path: Path, config_cls=transformers.Qwen2Config, **overrides) -> int:
-    """A random model with a byte-level BPE tokenizer.json like Qwen's (control tokens after the
-    merges, no BOS, <|endoftext|> pads) and an embedding matrix padded past its tokens to a
-    multiple of 64 rows, saved at `path`; returns the tokenizer's token count."""
+def write_qwen_style_tokenizer(path: Path) -> int:
+    """A byte-level BPE tokenizer.json like Qwen's (control tokens after the merges, no BOS,
+    <|endoftext|> pads) in `path`; returns its token count."""
     rnd = random.Random(0)
     texts = [" ".join(rnd.choice(WORDS) for _ in range(12)) + f" {rnd.randint(0, 99)}."
              for _ in range(200)]
@@ -144,14 +143,20 @@ def qwen_style_directory(path: Path, config_cls=transformers.Qwen2Config, **over
         show_progress=False))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
-    n_tokens = tok.get_vocab_size()
-    rows = -(-n_tokens // 64) * 64 + 64  # at least 64 padded rows
-    model = random_hf_model(config_cls, {**overrides, "vocab_size": rows})
-    model.save_pretrained(path)
+    path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
          "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    return tok.get_vocab_size()
+
+
+def qwen_style_directory(path: Path, config_cls=transformers.Qwen2Config, **overrides) -> int:
+    """A random model with a Qwen-style tokenizer and an embedding matrix padded past its tokens
+    to a multiple of 64 rows, saved at `path`; returns the tokenizer's token count."""
+    n_tokens = write_qwen_style_tokenizer(path)
+    rows = -(-n_tokens // 64) * 64 + 64  # at least 64 padded rows
+    random_hf_model(config_cls, {**overrides, "vocab_size": rows}).save_pretrained(path)
     return n_tokens
 
 
@@ -211,22 +216,71 @@ def test_thought_tokens_go_after_the_padded_matrix(tmp_path):
     assert np.abs(hf_logits(load_hf(out), tokens, mask) - expected).max() <= 1e-4
 
 
-def test_configs_gpu_hf_on_a_qwen3_shaped_directory(tmp_path):
-    """configs/gpu.py:hf on a Qwen3-0.6B-shaped directory (tied head, head width != D / H)."""
-    qwen_style_directory(tmp_path / "qwen3", transformers.Qwen3Config, head_dim=16,
-                         tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=2)
+def gpu_config(path: Path) -> ml_collections.ConfigDict:
+    """configs/gpu.py:hf with model.path `path`."""
     spec = importlib.util.spec_from_file_location("gpu_config", ROOT / "configs" / "gpu.py")
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
     config = gpu.get_config("hf")
-    config.model.path = str(tmp_path / "qwen3")
-    model = loading.load_model(config, str(tmp_path / "run"))
+    config.model.path = str(path)
+    return config
+
+
+def test_configs_gpu_hf_on_a_qwen3_shaped_directory(tmp_path):
+    """configs/gpu.py:hf on a Qwen3-0.6B-shaped directory (tied head, head width != D / H)."""
+    qwen_style_directory(tmp_path / "qwen3", transformers.Qwen3Config, head_dim=16,
+                         tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=2)
+    model = loading.load_model(gpu_config(tmp_path / "qwen3"), str(tmp_path / "run"))
     m = model.cfg.model
     assert (m.qk_norm, m.tie_embeddings, m.head_dim, m.dtype) == (True, True, 16, "bfloat16")
     assert model.cfg.n_ahead == 12 and model.cfg.n_ahead_talk == 4
     params = model.load()
     assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
         lambda x: (x.shape, x.dtype), model.abstract_params())
+
+
+# The published config.json files (transformers 4 keys) and the models' parameter counts.
+PUBLISHED = {
+    "Qwen2.5-0.5B": ({
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896,
+        "initializer_range": 0.02, "intermediate_size": 4864, "max_position_embeddings": 32768,
+        "max_window_layers": 24, "model_type": "qwen2", "num_attention_heads": 14,
+        "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936}, 494_032_768),
+    "Qwen3-0.6B": ({
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+        "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+        "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+        "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+        "vocab_size": 151936}, 596_049_920),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_configs_gpu_hf_at_the_published_shapes(name, tmp_path):
+    """configs/gpu.py:hf on a directory with the published config.json and a Qwen-style tokenizer
+    (no weights): the decoder has transformers' parameters, plus the two thought rows."""
+    raw, count = PUBLISHED[name]
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**raw))
+    assert sum(p.numel() for p in hf.parameters()) == count
+    write_qwen_style_tokenizer(tmp_path / name)
+    (tmp_path / name / "config.json").write_text(json.dumps(raw))
+    cfg = hf_checkpoint.read_config(tmp_path / name)
+    assert cfg.num_params == count
+    model = loading.load_model(gpu_config(tmp_path / name), str(tmp_path / "run"))
+    assert model.cfg.model == cfg.replace(vocab_size=151938, dtype="bfloat16")
+    assert (model.cfg.start_thought_id, model.cfg.end_thought_id) == (151936, 151937)
+    decoder = model.abstract_params()["decoder"]
+    assert sum(x.size for x in jax.tree.leaves(decoder)) == count + 2 * cfg.d_model
 
 
 # ----------------------------------------------------------------------------- rollout, decoding
