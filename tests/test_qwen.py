@@ -308,7 +308,7 @@ def setup(tmp_path_factory):
         hf.model.embed_tokens.weight.mul_(0.1)
     base_dir = tmp_path_factory.mktemp("qwen3_base")
     hf.save_pretrained(base_dir)
-    base_cfg, base = hf_checkpoint.from_hf(base_dir, remat_policy="none")
+    base_cfg, base = hf_checkpoint.from_hf(base_dir)
     mcfg, params = add_thought_params(base, base_cfg, 7, jax.random.key(1))
     keys = iter(jax.random.split(jax.random.key(2), 10))
     params["mixing_head"] = jax.tree.map(
