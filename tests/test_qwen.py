@@ -216,12 +216,17 @@ def test_thought_tokens_go_after_the_padded_matrix(tmp_path):
     assert np.abs(hf_logits(load_hf(out), tokens, mask) - expected).max() <= 1e-4
 
 
+def module_at(relative: str):
+    """The Python file at `relative` (to the repository) as a module."""
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def gpu_config(path: Path) -> ml_collections.ConfigDict:
     """configs/gpu.py:hf with model.path `path`."""
-    spec = importlib.util.spec_from_file_location("gpu_config", ROOT / "configs" / "gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
-    config = gpu.get_config("hf")
+    config = module_at("configs/gpu.py").get_config("hf")
     config.model.path = str(path)
     return config
 
@@ -281,6 +286,25 @@ def test_configs_gpu_hf_at_the_published_shapes(name, tmp_path):
     assert (model.cfg.start_thought_id, model.cfg.end_thought_id) == (151936, 151937)
     decoder = model.abstract_params()["decoder"]
     assert sum(x.size for x in jax.tree.leaves(decoder)) == count + 2 * cfg.d_model
+
+
+def test_compile_benchmark_stub_is_qwen3_8b_with_thought_tokens_after_the_matrix(tmp_path):
+    """benchmarks/tpu_compile.py --model qwen3-8b: the stand-in directory (no weights, 151669
+    tokens for 151936 rows) reads through configs/tpu_v4.py as Qwen3-8B plus two thought rows."""
+    bench = module_at("benchmarks/tpu_compile.py")
+    raw, tokens = bench.MODELS["qwen3-8b"]
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**raw))
+    config = module_at("configs/tpu_v4.py").get_config()
+    config.model.path = str(bench.write_stub(tmp_path / "qwen3-8b", raw, tokens))
+    model = loading.load_model(config, str(tmp_path))
+    assert (model.cfg.start_thought_id, model.cfg.end_thought_id) == (151936, 151937)
+    assert model.tokenizer.encode("w151668") == [151668]
+    decoder = model.abstract_params()["decoder"]
+    hf_count = sum(p.numel() for p in hf.parameters())
+    assert hf_count == 8_190_735_360
+    assert sum(x.size for x in jax.tree.leaves(decoder)) == hf_count + 2 * 2 * 4096
 
 
 # ----------------------------------------------------------------------------- rollout, decoding
