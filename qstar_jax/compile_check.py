@@ -52,6 +52,13 @@ SHAPES = {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "qwen3-8b": {
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096,
+        "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "attention_bias": False,
+        "max_position_embeddings": 40960, "rope_theta": 1000000.0, "use_sliding_window": False,
+        "sliding_window": None, "max_window_layers": 36, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False},
 }
 
 

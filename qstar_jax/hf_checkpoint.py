@@ -1,10 +1,11 @@
 """The Hugging Face checkpoint layout, both ways: an HF directory <-> (ModelConfig, parameters).
 
-An HF directory (Llama or Mistral, config.json in transformers 4 or 5 style, one or sharded
-safetensors) imports to (ModelConfig, params) and exports back tensor for tensor. A Quiet-STaR
-model's extra weights travel in the layout of the authors' released checkpoint: `start_embedding`,
-`end_embedding` [2, D] (row 0 used) and the talk head `talk_head.0.{0,2,4}`; its settings travel
-in config.json's `quiet_star` block and its thought-token ids in added_tokens.json.
+An HF directory (Llama, Mistral, Qwen2/Qwen2.5 or Qwen3; config.json in transformers 4 or 5
+style; one or sharded safetensors) imports to (ModelConfig, params) and exports back tensor for
+tensor. A Quiet-STaR model's extra weights travel in the layout of the authors' released
+checkpoint: `start_embedding`, `end_embedding` [2, D] (row 0 used) and the talk head
+`talk_head.0.{0,2,4}`; its settings travel in config.json's `quiet_star` block and its
+thought-token ids in added_tokens.json.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT, Tokenizer
 # Written as max_position_embeddings (our decoder has no position limit; HF's default rope
 # ignores it), unless Llama 3.1 scaling gives original * factor.
 MAX_POSITIONS = 32768
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 INDEX = "model.safetensors.index.json"
 
 
@@ -53,13 +55,18 @@ def _config_from_hf(raw: dict, source: Path) -> ModelConfig:
         return CheckpointError(f"{source}: {key}: {problem}")
 
     model_type = raw.get("model_type")
-    if model_type not in ("llama", "mistral"):
-        raise fail("model_type", f"{model_type!r} is not supported (llama, mistral)")
+    if model_type not in MODEL_TYPES:
+        raise fail("model_type", f"{model_type!r} is not supported ({', '.join(MODEL_TYPES)})")
     if raw.get("hidden_act", "silu") != "silu":
         raise fail("hidden_act", f"{raw['hidden_act']!r} is not supported (silu)")
+    qwen = model_type in ("qwen2", "qwen3")
     for key in ("attention_bias", "mlp_bias"):
-        if raw.get(key):
-            raise fail(key, "biases are not supported")
+        if raw.get(key) and not (key == "attention_bias" and model_type == "qwen3"):
+            raise fail(key, f"biases are not supported for {model_type}")
+    if qwen and (raw.get("use_sliding_window")
+                 or "sliding_attention" in (raw.get("layer_types") or ())):
+        raise fail("use_sliding_window", f"{model_type}'s sliding-window attention is not "
+                   "supported (use_sliding_window must be false)")
     rope = raw.get("rope_parameters") or {}
     if raw.get("rope_scaling"):  # transformers 4
         rope = {**raw["rope_scaling"], **rope}
@@ -85,19 +92,55 @@ def _config_from_hf(raw: dict, source: Path) -> ModelConfig:
     except KeyError as e:
         raise fail(e.args[0], "missing") from None
     window = raw.get("sliding_window", 4096) if model_type == "mistral" else None  # HF defaults
+    head_dim = raw.get("head_dim") or (128 if model_type == "qwen3" else d // heads)
+    attention_bias = model_type == "qwen3" and bool(raw.get("attention_bias"))
     try:
         return ModelConfig(
             **sizes,
             n_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or d // heads),
+            head_dim=int(head_dim),
             rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
             rope_llama3_scaling=scaling,
             norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             sliding_window=None if window is None else int(window),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=attention_bias,
+            qk_norm=model_type == "qwen3",
         )
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
+
+
+def model_type_of(cfg: ModelConfig) -> str:
+    """The transformers model_type that expresses `cfg`: qwen3 (per-head q/k norm), qwen2 (q/k/v
+    biases), mistral (a sliding window), else llama."""
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.qkv_bias:
+        return "qwen2"
+    return "mistral" if cfg.sliding_window is not None else "llama"
+
+
+def _inexpressible(cfg: ModelConfig, model_type: str) -> str | None:
+    """What of `cfg` a config.json of `model_type` cannot express, or None."""
+    if model_type not in MODEL_TYPES:
+        return f"model_type {model_type!r} is not supported ({', '.join(MODEL_TYPES)})"
+    qwen3 = model_type == "qwen3"
+    checks = (
+        (cfg.qk_norm != qwen3, f"qk_norm={cfg.qk_norm}"),
+        (cfg.qkv_bias != (model_type == "qwen2" or qwen3 and cfg.o_bias),
+         f"qkv_bias={cfg.qkv_bias}"),
+        (cfg.o_bias and not qwen3, f"o_bias={cfg.o_bias}"),
+        (cfg.sliding_window is not None and model_type != "mistral",
+         f"sliding_window {cfg.sliding_window}"),
+        (cfg.rope_llama3_scaling is not None and model_type != "llama", "Llama 3.1 rope scaling"),
+    )
+    problems = [what for bad, what in checks if bad]
+    if problems:
+        return (f"a {model_type} config.json cannot express {', '.join(problems)} (the config "
+                f"reads as {model_type_of(cfg)})")
+    return None
 
 
 def _config_to_hf(cfg: ModelConfig, model_type: str, dtype: str,
@@ -129,8 +172,13 @@ def _config_to_hf(cfg: ModelConfig, model_type: str, dtype: str,
     }
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
-    else:
+    elif model_type == "mistral":
         out["sliding_window"] = cfg.sliding_window
+    else:  # qwen2, qwen3: no layer uses a window
+        out.update(use_sliding_window=False, sliding_window=None,
+                   max_window_layers=cfg.n_layers)
+        if model_type == "qwen3":
+            out["attention_bias"] = cfg.o_bias
     if tokenizer is not None:
         out.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                    pad_token_id=tokenizer.pad_id)
@@ -182,11 +230,24 @@ def _layer_tensors(cfg: ModelConfig) -> dict[str, _Tensor]:
         return _Tensor(("attn", f"{name}_proj", "kernel"), (n * e, d),
                        lambda w: w.T.reshape(d, n, e), lambda x: x.reshape(d, n * e).T)
 
-    out = {f"self_attn.{name}_proj.weight": heads_in(name, n)
-           for name, n in (("q", h), ("k", k), ("v", k))}
+    def bias_in(name, n):  # HF [n*E] <-> ours [n, E]
+        return _Tensor(("attn", f"{name}_proj", "bias"), (n * e,),
+                       lambda w: w.reshape(n, e), lambda x: x.reshape(n * e))
+
+    out = {}
+    for name, n in (("q", h), ("k", k), ("v", k)):
+        out[f"self_attn.{name}_proj.weight"] = heads_in(name, n)
+        if cfg.qkv_bias:
+            out[f"self_attn.{name}_proj.bias"] = bias_in(name, n)
     out["self_attn.o_proj.weight"] = _Tensor(  # HF [D, H*E] <-> ours [H, E, D]
         ("attn", "o_proj", "kernel"), (d, h * e),
         lambda w: w.T.reshape(h, e, d), lambda x: x.reshape(h * e, d).T)
+    if cfg.o_bias:
+        out["self_attn.o_proj.bias"] = _Tensor(("attn", "o_proj", "bias"), (d,), _same, _same)
+    if cfg.qk_norm:
+        for name in ("q", "k"):
+            out[f"self_attn.{name}_norm.weight"] = _Tensor(("attn", f"{name}_norm", "scale"),
+                                                           (e,), _same, _same)
     for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
         out[f"mlp.{name}_proj.weight"] = _Tensor(("mlp", f"{name}_proj", "kernel"), shape,
                                                  _transposed, _transposed)
@@ -341,8 +402,8 @@ def _check_names(found: set[str], cfg: ModelConfig, thoughts: bool, source: Path
                    if not n.endswith("rotary_emb.inv_freq"))
     if extra:
         more = " ..." if len(extra) > 5 else ""
-        raise CheckpointError(f"{source}: unexpected tensors {extra[:5]}{more} (not a plain "
-                              "llama/mistral decoder?)")
+        raise CheckpointError(f"{source}: unexpected tensors {extra[:5]}{more} (config.json "
+                              "describes a different model)")
 
 
 def _existing_dir(path: str | os.PathLike) -> Path:
@@ -470,18 +531,13 @@ def to_hf(params: Params, cfg: ModelConfig, path: str | os.PathLike, *,
     """Write an HF directory that transformers loads (AutoModelForCausalLM.from_pretrained).
 
     Quiet-STaR params ({"decoder", ...}) also write the released checkpoint's extra tensors,
-    config keys and added_tokens.json. `model_type`: "llama" or "mistral" (default: mistral when
-    the config has a sliding window). The directory appears complete or not at all.
+    config keys and added_tokens.json. `model_type`: one of MODEL_TYPES that expresses `cfg`
+    (default: `model_type_of(cfg)`). The directory appears complete or not at all.
     """
     path = Path(path)
-    model_type = model_type or ("mistral" if cfg.sliding_window is not None else "llama")
-    if model_type not in ("llama", "mistral"):
-        raise ValueError(f"to_hf: model_type {model_type!r} is not supported (llama, mistral)")
-    if model_type == "llama" and cfg.sliding_window is not None:
-        raise ValueError("to_hf: a llama config.json cannot express sliding_window "
-                         f"{cfg.sliding_window}; use model_type='mistral'")
-    if model_type == "mistral" and cfg.rope_llama3_scaling is not None:
-        raise ValueError("to_hf: Llama 3.1 rope scaling needs model_type='llama'")
+    model_type = model_type or model_type_of(cfg)
+    if problem := _inexpressible(cfg, model_type):
+        raise ValueError(f"to_hf: {problem}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"to_hf: dtype {dtype!r} is not one of float32, bfloat16, float16")
     thoughts = is_quiet_star(params)

@@ -81,8 +81,10 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     else:
         path = local_dir(model.path)  # a gs:// directory is copied to the local cache
         model_cfg = hf_checkpoint.read_config(path, **runtime)
-        tok = tokenizer_lib.load(str(path))
+        tok = tokenizer_lib.load(str(path), embedding_rows=model_cfg.vocab_size)
         loaded = lambda: hf_checkpoint.from_hf(path, **runtime)[1]  # noqa: E731
+    # A plain model's thought tokens go after its embedding matrix, also where the matrix has
+    # more rows than the tokenizer has tokens (Qwen): tokenizer._place_thought_ids.
     thought_ids = (tok.start_thought_id, tok.end_thought_id)
     if max(thought_ids) < model_cfg.vocab_size:  # a Quiet-STaR checkpoint: thought rows present
         return Model(quiet_star_config(config.quiet_star, model_cfg, tok), tok, _init_token(tok),

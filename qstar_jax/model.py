@@ -1,4 +1,4 @@
-"""A Llama/Mistral decoder in flax.linen: attention takes explicit keys/values, returns new ones.
+"""Llama/Mistral/Qwen decoder in flax.linen: attention takes explicit keys/values, returns new ones.
 
 There is no mutable cache: a call says what its new tokens may attend to besides each other (a
 `Context` of shared prefix keys and per-token chain keys) and returns the keys/values it made, so
@@ -26,7 +26,7 @@ NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama/Mistral-family decoder."""
+    """Shape and numerics of a Llama/Mistral/Qwen2/Qwen3-family decoder."""
 
     vocab_size: int
     d_model: int
@@ -41,6 +41,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     sliding_window: int | None = None
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2; Qwen3's attention_bias)
+    o_bias: bool = False  # a bias on the output projection (Qwen3's attention_bias)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before the rotary embedding (Qwen3)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
@@ -62,7 +65,9 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         d, f, e = self.d_model, self.ffn_dim, self.head_dim
-        attn = d * e * (2 * self.n_heads + 2 * self.n_kv_heads)
+        q_kv = self.n_heads + 2 * self.n_kv_heads
+        attn = d * e * (q_kv + self.n_heads)
+        attn += self.qkv_bias * q_kv * e + self.o_bias * d + self.qk_norm * 2 * e
         per_layer = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_embeddings else d * self.vocab_size
         return self.n_layers * per_layer + self.vocab_size * d + head + d
@@ -173,15 +178,18 @@ def apply_rope(x_BLHE: jax.Array, positions_BL: jax.Array, inv_freq: jax.Array) 
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last axis, whose logical name is `axis` ("head_dim" for Qwen3's q/k)."""
+
     eps: float
     dtype: str
     param_dtype: str
+    axis: str = "embed"
 
     @nn.compact
     def __call__(self, x):
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
             (x.shape[-1],),
             _dtype(self.param_dtype),
         )
@@ -226,22 +234,36 @@ def attend(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Array, masks: Masks
 
 
 class Projection(nn.Module):
-    """A weight of any rank applied by einsum (a 3-D kernel keeps its logical axis names)."""
+    """A weight of any rank applied by einsum (a 3-D kernel keeps its logical axis names), plus a
+    bias over the kernel's output axes when `use_bias` (e.g. [H, E] for "bld,dhe->blhe")."""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     equation: str
     dtype: str
     param_dtype: str
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", _init(self.axes), self.shape, _dtype(self.param_dtype))
-        dt = _dtype(self.dtype)
-        return jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
+        pdt, dt = _dtype(self.param_dtype), _dtype(self.dtype)
+        kernel = self.param("kernel", _init(self.axes), self.shape, pdt)
+        y = jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
+        if not self.use_bias:
+            return y
+        inputs, out = self.equation.split("->")
+        kept = [i for i, c in enumerate(inputs.split(",")[1]) if c in out]
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                 tuple(self.axes[i] for i in kept)),
+            tuple(self.shape[i] for i in kept), pdt)
+        return y + bias.astype(dt)
 
 
 class Attention(nn.Module):
+    """The one place q, k, v are projected (biases, per-head q/k norm, rotary), so the parallel
+    rollout and KV-cached decoding get the same keys; `attend` does the rest."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -251,16 +273,23 @@ class Attention(nn.Module):
 
         def proj(name, heads, axes):
             return Projection((d, heads, e), ("embed", axes, "head_dim"), "bld,dhe->blhe",
-                              cfg.dtype, cfg.param_dtype, name=name)(x_BLD)
+                              cfg.dtype, cfg.param_dtype, cfg.qkv_bias, name=name)(x_BLD)
+
+        def head_norm(name, x_BLHE):
+            if not cfg.qk_norm:
+                return x_BLHE
+            return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, "head_dim", name=name)(x_BLHE)
 
         inv_freq = rope_frequencies(cfg)
-        q = apply_rope(proj("q_proj", cfg.n_heads, "heads"), positions_BL, inv_freq)
-        k = apply_rope(proj("k_proj", cfg.n_kv_heads, "kv_heads"), positions_BL, inv_freq)
+        q = apply_rope(head_norm("q_norm", proj("q_proj", cfg.n_heads, "heads")), positions_BL,
+                       inv_freq)
+        k = apply_rope(head_norm("k_norm", proj("k_proj", cfg.n_kv_heads, "kv_heads")),
+                       positions_BL, inv_freq)
         v = proj("v_proj", cfg.n_kv_heads, "kv_heads")
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
         out = attend(q, k, v, masks, prefix, chain)
         y = Projection((cfg.n_heads, e, d), ("heads", "head_dim", "embed"), "blhe,hed->bld",
-                       cfg.dtype, cfg.param_dtype, name="o_proj")(out)
+                       cfg.dtype, cfg.param_dtype, cfg.o_bias, name="o_proj")(out)
         return y, k, v
 
 
@@ -302,7 +331,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Llama/Mistral decoder. `apply({'params': p}, tokens_BL)` gives float32 logits [B, L, V]."""
+    """The decoder. `apply({'params': p}, tokens_BL)` gives float32 logits [B, L, V]."""
 
     cfg: ModelConfig
 

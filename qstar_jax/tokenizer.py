@@ -1,9 +1,11 @@
 """Text <-> token ids for the base model's vocabulary plus the two Quiet-STaR thought tokens.
 
 One interface over three sources: a sentencepiece `tokenizer.model` (Llama 2, Mistral), a Hugging
-Face `tokenizer.json` (SmolLM2, Llama 3) and the tokenizer metadata of a GGUF file. The thought
-tokens `<|startthought|>` / `<|endthought|>` take the two ids after the base vocabulary unless the
-vocabulary or an `added_tokens.json` already places them (the authors' checkpoint: 32000/32001).
+Face `tokenizer.json` (SmolLM2, Llama 3, Qwen) and the tokenizer metadata of a GGUF file. The
+thought tokens `<|startthought|>` / `<|endthought|>` take the two ids after the base vocabulary
+unless the vocabulary or an `added_tokens.json` already places them (the authors' checkpoint:
+32000/32001). The base vocabulary ends after the model's embedding rows when the matrix is padded
+past the tokenizer's tokens (Qwen: 151936 rows, ~151665 tokens): see `_place_thought_ids`.
 """
 
 from __future__ import annotations
@@ -34,16 +36,17 @@ class Tokenizer:
     tokens are kept and shown as their strings.
     """
 
-    def __init__(self, *, base_vocab_size: int, bos_id: int | None, eos_id: int | None,
+    def __init__(self, *, own_tokens: int, bos_id: int | None, eos_id: int | None,
                  pad_id: int | None, unk_id: int | None, thought_ids: tuple[int, int],
                  source: str):
         if pad_id is None:
             pad_id = eos_id  # the Quiet-STaR reference pads with EOS
         if pad_id is None:
             raise ValueError(f"{source}: the tokenizer names neither a pad nor an eos token")
-        self.base_vocab_size = base_vocab_size
+        # The base model's ids: the tokenizer's own, and padded embedding rows before the thoughts.
+        self.base_vocab_size = max(own_tokens, min(thought_ids))
         self.start_thought_id, self.end_thought_id = thought_ids
-        self.vocab_size = max(base_vocab_size, *(i + 1 for i in thought_ids))
+        self.vocab_size = max(self.base_vocab_size, *(i + 1 for i in thought_ids))
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.source = source
 
@@ -121,7 +124,7 @@ class SentencePieceTokenizer(Tokenizer):
     _hf_class = "LlamaTokenizer"
 
     def __init__(self, model_proto: bytes, source: str, added: dict[str, int] | None = None,
-                 special_ids: dict[str, int | None] | None = None):
+                 special_ids: dict[str, int | None] | None = None, embedding_rows: int = 0):
         proto = sentencepiece_model_pb2.ModelProto()
         try:
             proto.ParseFromString(model_proto)
@@ -136,9 +139,9 @@ class SentencePieceTokenizer(Tokenizer):
                            "unk_id": sp.unk_id()}
         special_ids = {k: None if i is None or i < 0 else i for k, i in special_ids.items()}
         found = tuple(self._token_id(t) for t in THOUGHT_TOKENS)
-        ids = _place_thought_ids(found, sp.get_piece_size(), added, self._token_id, source)
-        super().__init__(base_vocab_size=sp.get_piece_size(), thought_ids=ids, source=source,
-                         **special_ids)
+        own = sp.get_piece_size()
+        ids = _place_thought_ids(found, own, embedding_rows, added, self._token_id, source)
+        super().__init__(own_tokens=own, thought_ids=ids, source=source, **special_ids)
         self._thought_of = dict(zip(ids, THOUGHT_TOKENS, strict=True))
         self._id_of = dict(zip(THOUGHT_TOKENS, ids, strict=True))
 
@@ -177,24 +180,26 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A `tokenizers.Tokenizer` (Hugging Face tokenizer.json); the thought tokens are added to
-    it (in place) as special tokens, so that a saved tokenizer.json carries them too."""
+    """A `tokenizers.Tokenizer` (Hugging Face tokenizer.json) with the thought tokens added as
+    special tokens, so that a saved tokenizer.json carries them too."""
 
     _hf_class = "PreTrainedTokenizerFast"
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, source: str, *,
-                 special_ids: dict[str, int | None], added: dict[str, int] | None = None):
+                 special_ids: dict[str, int | None], added: dict[str, int] | None = None,
+                 embedding_rows: int = 0):
         extra = {i: t for i, t in tokenizer.get_added_tokens_decoder().items()
                  if t.content not in THOUGHT_TOKENS}
-        base = max([tokenizer.get_vocab_size(with_added_tokens=False)] + [i + 1 for i in extra])
+        own = 1 + max(i for t, i in tokenizer.get_vocab(with_added_tokens=True).items()
+                      if t not in THOUGHT_TOKENS)
         found = tuple(tokenizer.token_to_id(t) for t in THOUGHT_TOKENS)
-        ids = _place_thought_ids(found, base, added, tokenizer.token_to_id, source)
+        ids = _place_thought_ids(found, own, embedding_rows, added, tokenizer.token_to_id, source)
         for token, i in sorted(zip(THOUGHT_TOKENS, ids, strict=True), key=lambda x: x[1]):
             if tokenizer.token_to_id(token) is None:
-                tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+                tokenizer = _add_special_token(tokenizer, token, i, source)
             if tokenizer.token_to_id(token) != i:
                 raise ValueError(f"{source}: could not place {token} at id {i}")
-        super().__init__(base_vocab_size=base, thought_ids=ids, source=source, **special_ids)
+        super().__init__(own_tokens=own, thought_ids=ids, source=source, **special_ids)
         self._tok = tokenizer
         self._hidden = {i for i, t in extra.items() if t.special}  # control tokens: not decoded
 
@@ -215,9 +220,36 @@ class HFTokenizer(Tokenizer):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what a tokenizer directory holds
 
 
-def load(path: str) -> Tokenizer:
+def _add_special_token(tokenizer: tokenizers.Tokenizer, token: str, token_id: int,
+                       source: str) -> tokenizers.Tokenizer:
+    """`tokenizer` with `token` added as a special token at `token_id`.
+
+    `tokenizers` numbers added tokens on from the size of the model's vocabulary, also when it
+    reads a tokenizer.json. So a token placed past the padded rows of an embedding matrix goes
+    into the model's vocabulary at its id (a new tokenizer), and so does every added token, to
+    keep its id when the file is read again.
+    """
+    if token_id != tokenizer.get_vocab_size(with_added_tokens=True):
+        spec = json.loads(tokenizer.to_str())
+        vocab = spec.get("model", {}).get("vocab")
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{source}: cannot place {token} at id {token_id}: the tokenizer "
+                             f"model {spec.get('model', {}).get('type')!r} has no vocabulary "
+                             "map to put it in (BPE and WordLevel do)")
+        vocab.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
+        vocab[token] = token_id
+        tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+    return tokenizer
+
+
+def load(path: str, embedding_rows: int = 0) -> Tokenizer:
     """A tokenizer from a directory (tokenizer.json or tokenizer.model, plus added_tokens.json and
-    tokenizer_config.json when present) or from one .model / .json / .gguf file."""
+    tokenizer_config.json when present) or from one .model / .json / .gguf file.
+
+    `embedding_rows`: the rows of the model's embedding matrix; thought tokens the tokenizer does
+    not place yet go after them when they outnumber its tokens (see `_place_thought_ids`).
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
@@ -232,7 +264,7 @@ def load(path: str) -> Tokenizer:
     added = _read_added_tokens(os.path.join(directory, "added_tokens.json"))
     if path.endswith(".model"):
         with open(path, "rb") as f:
-            return SentencePieceTokenizer(f.read(), path, added)
+            return SentencePieceTokenizer(f.read(), path, added, embedding_rows=embedding_rows)
     if path.endswith(".json"):
         try:
             tok = tokenizers.Tokenizer.from_file(path)
@@ -244,7 +276,7 @@ def load(path: str) -> Tokenizer:
         if missing := [t for n, t in names.items() if ids[f"{n}_id"] is None]:
             raise ValueError(f"{directory}: special tokens {missing} named in the tokenizer "
                              f"config are not in {path}")
-        return HFTokenizer(tok, path, special_ids=ids, added=added)
+        return HFTokenizer(tok, path, special_ids=ids, added=added, embedding_rows=embedding_rows)
     raise ValueError(f"{path}: unknown tokenizer file type (expected .model, .json or .gguf)")
 
 
@@ -397,11 +429,16 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(b if b in keep else next(extra)) for b in range(256)}
 
 
-def _place_thought_ids(found: tuple[int | None, ...], base: int, added: dict[str, int] | None,
-                 token_id, source: str) -> tuple[int, int]:
+def _place_thought_ids(found: tuple[int | None, ...], own: int, rows: int,
+                       added: dict[str, int] | None, token_id, source: str) -> tuple[int, int]:
     """Thought ids: where the vocabulary has them, else as added_tokens.json says, else after it.
 
-    Other entries of added_tokens.json must already be in the vocabulary at the ids it gives.
+    The base vocabulary ends after the tokenizer's `own` tokens, or after the model's embedding
+    `rows` where these are more. So on a padded matrix (Qwen: 151936 rows for ~151665 tokens) the
+    thought tokens go after the matrix, at ids 151936/151937, as on Llama and Mistral: the matrix
+    grows by two rows, and the padded rows stay unused. added_tokens.json may also place them
+    right after the tokenizer's own tokens (the authors' checkpoint, read with its grown
+    matrix). Its other entries must already be in the vocabulary at the ids it gives.
     """
     added = dict(added or {})
     wanted = tuple(added.pop(t, None) for t in THOUGHT_TOKENS)
@@ -418,10 +455,12 @@ def _place_thought_ids(found: tuple[int | None, ...], base: int, added: dict[str
         return found
     if found != (None, None):
         raise ValueError(f"{source}: the vocabulary has only one of the thought tokens")
+    base = max(own, rows)
     ids = wanted if None not in wanted else (base, base + 1)
-    if sorted(ids) != [base, base + 1]:
+    if sorted(ids) not in ([own, own + 1], [base, base + 1]):
+        rows_too = f" or after the {rows} embedding rows" if rows > own else ""
         raise ValueError(f"{source}: thought-token ids {ids} must be the two ids after the "
-                         f"vocabulary ({base} and {base + 1}, either order)")
+                         f"vocabulary ({own} and {own + 1}, either order){rows_too}")
     return ids
 
 

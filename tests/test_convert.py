@@ -71,14 +71,17 @@ def tensors_of(directory):
     return out
 
 
+def saved_model(config_cls, overrides, path):
+    """(a random HF model, `path` where it is saved, its logits)."""
+    model = random_hf_model(config_cls, overrides)
+    model.save_pretrained(path)
+    return model, path, hf_logits(model)
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def saved(request, tmp_path_factory):
     """(HF model, its saved directory, its logits) for each case."""
-    config_cls, overrides = CASES[request.param]
-    model = random_hf_model(config_cls, overrides)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    return model, path, hf_logits(model)
+    return saved_model(*CASES[request.param], tmp_path_factory.mktemp(request.param))
 
 
 def test_import_matches_transformers(saved):

@@ -21,13 +21,14 @@ START, END = BASE_VOCAB, BASE_VOCAB + 1
 CHARS = " abcdefghijklmnopqrstuvwxyz.,!?"  # the stand-in tokenizer's ids 1 .. 31
 
 
-def tiny_quiet_star(base_vocab=BASE_VOCAB, window=None, n_ahead=5, seed=0):
+def tiny_quiet_star(base_vocab=BASE_VOCAB, window=None, n_ahead=5, seed=0, **model_fields):
     """A random Quiet-STaR model whose mixing head is NOT zero (so mixing is not a no-op).
 
     Weights are drawn with numpy into the abstract shapes: no initialiser to compile.
+    `model_fields` set further ModelConfig fields (e.g. Qwen2's qkv_bias).
     """
     model = ModelConfig(vocab_size=base_vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                        ffn_dim=48, sliding_window=window, remat_policy="none")
+                        ffn_dim=48, sliding_window=window, remat_policy="none", **model_fields)
     rng = np.random.default_rng(seed)
     shapes = nn.unbox(abstract_params(model))
 
