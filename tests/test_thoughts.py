@@ -316,8 +316,9 @@ def test_rollout_loss_and_gradients_match_naive_growing_mask(request, tmp_path, 
         tol = 2e-4 if name == "start_embedding" and cfg.use_trice_baseline else 1e-5
         np.testing.assert_allclose(ours_g[name] / scale, g / scale, atol=tol, err_msg=name)
     for name in ["start_embedding", "end_embedding", "talk_head.0.0.weight",
-                 "model.layers.0.self_attn.q_proj.weight"]:
-        assert np.abs(ours_g[name]).max() > 0, name
+                 "talk_head.0.4.weight", "model.embed_tokens.weight",
+                 "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]:
+        assert np.abs(ours_g[name]).max() > 0, name  # every part of the model learns
 
 
 def test_bf16_compute_matches_float32_reference(setup):
@@ -484,9 +485,8 @@ def test_chain_sees_nothing_of_the_future(setup):
     j = 4
     changed = tokens.copy()
     changed[:, j + 1:] = (changed[:, j + 1:] + 5) % BASE_VOCAB + 1
-    run = lambda t: rollout(params, jnp.asarray(t), jnp.ones(t.shape, bool),  # noqa: E731
-                            jax.random.key(3), cfg)
-    a, b = run(tokens), run(changed)
+    run = jax.jit(lambda t: rollout(params, t, jnp.ones(t.shape, bool), jax.random.key(3), cfg))
+    a, b = run(jnp.asarray(tokens)), run(jnp.asarray(changed))  # one compile for both
     np.testing.assert_array_equal(a.thought_tokens[:, :, :j + 1], b.thought_tokens[:, :, :j + 1])
     np.testing.assert_allclose(a.thought_logprobs[:, :, :j + 1], b.thought_logprobs[:, :, :j + 1],
                                atol=1e-6)
@@ -626,34 +626,6 @@ def test_token_logprob_and_its_gradient_match_log_softmax(temperature):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got_vjp(ct)[0], want_vjp(ct)[0], rtol=1e-6, atol=1e-7)
     assert float(got_vjp(ct)[0][0, 0, 7]) == 0.0
-
-
-def test_one_step_moves_thought_params_and_decoder(setup):
-    import optax
-
-    cfg, params, _ = setup
-    tokens = jnp.asarray(batch_tokens())
-    opt = optax.adamw(1e-3)
-
-    @jax.jit
-    def step(p, state):
-        (_, m), g = jax.value_and_grad(
-            lambda p: quiet_star_loss(p, {"tokens": tokens}, jax.random.key(0), cfg),
-            has_aux=True)(p)
-        updates, state = opt.update(g, state, p)
-        return optax.apply_updates(p, updates), g
-
-    new, grads = step(params, opt.init(params))
-    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-    for path in [("start_embedding",), ("end_embedding",), ("mixing_head", "out", "kernel"),
-                 ("mixing_head", "hidden_0", "kernel"), ("decoder", "layers", "mlp", "up_proj",
-                                                         "kernel"), ("decoder", "embed",
-                                                                     "embedding")]:
-        old_x, new_x, g = params, new, grads
-        for key in path:
-            old_x, new_x, g = old_x[key], new_x[key], g[key]
-        assert float(jnp.abs(g).max()) > 0, path
-        assert not np.allclose(old_x, new_x), path
 
 
 @pytest.mark.parametrize("change, message", [
