@@ -542,17 +542,19 @@ def test_forced_thoughts_ignore_rng_and_sampling_avoids_thought_tokens(setup, th
     assert float(run(params, jax.random.key(1), thoughts)) == float(
         run(params, jax.random.key(2), thoughts))
     # Forced tokens come back as given.
-    forced = rollout(params, tokens, tokens != PAD, jax.random.key(1), cfg, thoughts)
-    np.testing.assert_array_equal(forced.thought_tokens, thoughts)
+    forced = jax.jit(lambda th: rollout(params, tokens, tokens != PAD, jax.random.key(1), cfg,
+                                        th).thought_tokens)(thoughts)
+    np.testing.assert_array_equal(forced, thoughts)
     # Make the thought tokens by far the likeliest: sampling must still never pick them.
     rigged = jax.tree.map(lambda x: x, params)
     kernel = rigged["decoder"]["lm_head"]["kernel"]
     rigged["decoder"]["lm_head"]["kernel"] = kernel.at[np.array(thought_ids)].set(50.0)
     for greedy in (False, True):
-        ro = rollout(rigged, tokens, tokens != PAD, jax.random.key(4),
-                     cfg.replace(greedy_thoughts=greedy))
-        assert ro.thought_tokens.shape == (B, cfg.n_passes, L, cfg.n_sampled)
-        drawn = np.asarray(ro.thought_tokens)
+        drawn_cfg = cfg.replace(greedy_thoughts=greedy)
+        drawn = jax.jit(lambda p, c=drawn_cfg: rollout(
+            p, tokens, tokens != PAD, jax.random.key(4), c).thought_tokens)(rigged)
+        assert drawn.shape == (B, cfg.n_passes, L, cfg.n_sampled)
+        drawn = np.asarray(drawn)
         assert not np.isin(drawn, thought_ids).any()
         assert drawn.min() >= 0 and drawn.max() < cfg.model.vocab_size
         if not greedy:
