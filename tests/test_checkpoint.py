@@ -82,6 +82,13 @@ def test_unreadable_newest_step_is_set_aside_and_the_previous_one_used(tmp_path,
     assert (tmp_path / "unreadable_checkpoints" / "2").is_dir()
     assert "checkpoint step 2" in caplog.text and "resuming from step 1" in caplog.text
     ckpts.save(2, make_state(2), it)  # the step number is free again
+    following = next(it)
+    ckpts.close()
+    ckpts = checkpoint.Checkpoints(str(tmp_path), 2)  # and the new step 2 is what is restored
+    it = make_iterator()
+    assert_state_equal(ckpts.restore(abstract(make_state(0)), it), make_state(2))
+    np.testing.assert_array_equal(next(it), following)
+    assert ckpts.steps() == [1, 2]
     ckpts.close()
 
 

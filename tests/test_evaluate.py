@@ -197,25 +197,41 @@ def test_extract_answer():
 
 
 def test_cot_prompts_and_majority_vote(monkeypatch):
-    calls = []
-    scripted = [["First, 3. Then 4.", "I guess", "It is 7"], [" 7.", " 12", " 7 apples"]]
+    """The two prompts of zero-shot chain of thought (Kojima et al.) for each task, and the
+    majority vote: the first vote is not the majority, so picking it would be wrong."""
+    calls, scripted = [], []
 
     def fake_generate(params, cfg, tokenizer, prompts, **kwargs):
         calls.append((list(prompts), kwargs))
         return [generate.Generation(t, [], [], "length") for t in scripted[len(calls) - 1]]
 
     monkeypatch.setattr(generate, "generate", fake_generate)
+    scripted[:] = [["First, 3. Then 4.  \n", "I guess", "It is 7"], [" 12", " 7.", " 7 apples"]]
     example = ev.Example("Tom has 3 apples and buys 4 more. How many?", "7")
     got = ev.score_cot(None, None, None, example, "gsm8k", samples=3, thinking=True,
                        temperature=0.9, max_new_tokens=50)
-    assert got["votes"] == ["7", "12", "7"]
+    assert got["votes"] == ["12", "7", "7"]
     assert (got["prediction"], got["correct"]) == ("7", True)
     first, second = calls
     prompt = "Q: Tom has 3 apples and buys 4 more. How many?\nA: Let's think step by step."
     assert first[0] == [prompt] * 3
     assert first[1]["stop"] == ("Q:", "\n\n\n") and first[1]["max_new_tokens"] == 50
+    assert first[1]["thinking"] and first[1]["sampling"].temperature == 0.9
+    # The rationale's trailing whitespace goes before the answer trigger.
     assert second[0][0] == prompt + "First, 3. Then 4.\nTherefore, the answer (arabic numerals) is"
     assert second[1]["max_new_tokens"] == ev.ANSWER_TOKENS
+
+    calls.clear()
+    scripted[:] = [["Cats sit on mats.", "Birds fly.", "Mats are soft."],
+                   [" (B) sky", " (C) mat", " C"]]
+    question = "Where does a cat sleep?\n(A) ocean\n(B) sky\n(C) mat\n(D) river\n(E) tree"
+    got = ev.score_cot(None, None, None, ev.Example(question, "C"), "csqa", samples=3,
+                       thinking=False, temperature=0.9, max_new_tokens=50)
+    assert (got["votes"], got["prediction"], got["correct"]) == (["B", "C", "C"], "C", True)
+    prompt = f"Q: {question}\nA: Let's think step by step."
+    assert calls[0][0] == [prompt] * 3
+    assert calls[1][0] == [prompt + r + "\nTherefore, among A through E, the answer is"
+                           for r in scripted[0]]
 
 
 def test_cli_direct(checkpoint, tmp_path, capsys):
@@ -252,10 +268,14 @@ def test_cli_cot(checkpoint, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["cot_samples"] == 2 and len(records) == 2 and "thinking" not in summary
-    assert summary["no_thinking"]["correct"] == sum(r["no_thinking"]["correct"] for r in records)
-    for r in records:
-        assert len(r["no_thinking"]["votes"]) == len(r["no_thinking"]["reasoning"]) == 2
-        assert r["no_thinking"]["prediction"] in r["no_thinking"]["votes"]
+    right = 0
+    for r, row in zip(records, rows, strict=True):
+        votes, prediction = r["no_thinking"]["votes"], r["no_thinking"]["prediction"]
+        assert len(votes) == len(r["no_thinking"]["reasoning"]) == 2
+        assert votes.count(prediction) == max(map(votes.count, votes))  # a majority
+        assert r["no_thinking"]["correct"] == (prediction == row["answerKey"])  # the data's key
+        right += prediction == row["answerKey"]
+    assert summary["no_thinking"] == {"accuracy": right / 2, "correct": right}
 
 
 def test_cli_errors(checkpoint, tmp_path, capsys):

@@ -273,10 +273,25 @@ def test_cli_prints_continuation_and_thoughts(checkpoint, capsys):
     assert all("<|startthought|>" in line and "<|endthought|>" in line for line in lines)
 
 
-def test_cli_without_thoughts_and_errors(checkpoint, capsys, tmp_path):
+def test_cli_without_thoughts_and_errors(checkpoint, capsys, tmp_path, monkeypatch):
+    """The sampling flags reach the decoder, and what it returns is what is printed."""
+    calls, decode = [], generate.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        out = decode(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(generate, "generate", spy)
     generate.main(["--checkpoint", checkpoint, "--prompt", "dog", "--no_thoughts",
-                   "--max_new_tokens", "3", "--temperature", "0.7", "--top_p", "0.9"])
-    assert "--- thoughts" not in capsys.readouterr().out
+                   "--max_new_tokens", "3", "--temperature", "0.7", "--top_p", "0.9",
+                   "--seed", "5"])
+    kwargs, out = calls
+    assert kwargs["sampling"] == generate.Sampling(temperature=0.7, top_p=0.9)
+    assert (kwargs["thinking"], kwargs["max_new_tokens"], kwargs["seed"]) == (False, 3, 5)
+    assert capsys.readouterr().out == out[0].text + "\n"
+    monkeypatch.undo()
     with pytest.raises(SystemExit) as e:
         generate.main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
     assert e.value.code == 2

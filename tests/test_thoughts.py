@@ -46,9 +46,10 @@ BASE_VOCAB, PAD = 40, 0
 B, L = 2, 10
 
 
-def tiny_model(seed=0, scan_layers=True):
+def tiny_model(seed=0, scan_layers=True, tie_embeddings=False):
     cfg = ModelConfig(vocab_size=BASE_VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      ffn_dim=48, rope_theta=1000.0, norm_eps=1e-6, scan_layers=scan_layers)
+                      ffn_dim=48, rope_theta=1000.0, norm_eps=1e-6, scan_layers=scan_layers,
+                      tie_embeddings=tie_embeddings)
     mcfg, params = add_thought_params(init_params(cfg, jax.random.key(seed)), cfg, 7,
                                       jax.random.key(seed + 1))
     # A non-zero mixing head, so the talk passes really mix.
@@ -86,11 +87,28 @@ def setup(tmp_path_factory):
     return cfg, params, path
 
 
+@pytest.fixture(scope="module")
+def tied_setup(tmp_path_factory):
+    """A model whose output head is its input embedding, as SmolLM2's (the demo model)."""
+    mcfg, params = tiny_model(seed=3, tie_embeddings=True)
+    assert "lm_head" not in params["decoder"]
+    cfg = qs_config(mcfg)
+    path = tmp_path_factory.mktemp("hf_tied")
+    hf_checkpoint.to_hf(params, mcfg, path, quiet_star=cfg)
+    return cfg, params, path
+
+
 # ----------------------------------------------------------------------------- naive reference
 
 
 class NaiveQuietStar:
-    """The authors' algorithm: every pass re-runs the model on [x, chain_1, ..., chain_k]."""
+    """The authors' algorithm: every pass re-runs the model on [x, chain_1, ..., chain_k].
+
+    Variants are read from `cfg` and written out plainly: `cfg.mixing_sigmoid` squashes the
+    head's output through a sigmoid; `cfg.model.sliding_window` drops every key `window` or more
+    positions before its query in the block mask (the checkpoint at `path` need not have one).
+    A tied checkpoint ties `lm.lm_head` to the embedding in transformers.
+    """
 
     def __init__(self, path, cfg):
         self.cfg = cfg
@@ -106,17 +124,27 @@ class NaiveQuietStar:
         x = torch.cat([h_base, h_thought], -1)
         x = torch.relu(x @ w(0).T + b(0))
         x = torch.relu(x @ w(2).T + b(2))
-        return (x @ w(4).T)[..., 0]
+        x = (x @ w(4).T)[..., 0]
+        return torch.sigmoid(x) if self.cfg.mixing_sigmoid else x
 
     def block_mask(self, k, valid):
-        """[B, 1, (k+1)L, (k+1)L] additive mask: base causal; chain j sees x[:j+1], its chain."""
+        """[B, 1, (k+1)L, (k+1)L] additive mask: base causal; chain j sees x[:j+1], its chain.
+
+        Block blk holds position i + blk at row i; with a sliding window a key at position m
+        is seen from position q only if q - m < window."""
         n = (k + 1) * L
         allowed = torch.zeros(B, n, n, dtype=torch.bool)
         causal = torch.tril(torch.ones(L, L, dtype=torch.bool))
+        window = self.cfg.model.sliding_window
+        i = torch.arange(L)
         for blk in range(k + 1):
-            allowed[:, blk * L:(blk + 1) * L, :L] = causal[None] & valid[:, None, :]
+            seen = causal.clone()
+            if window is not None:
+                seen &= (i[:, None] + blk - i[None, :]) < window
+            allowed[:, blk * L:(blk + 1) * L, :L] = seen[None] & valid[:, None, :]
             for prev in range(1, blk + 1):
-                allowed[:, blk * L:(blk + 1) * L, prev * L:(prev + 1) * L] = torch.eye(L).bool()
+                own = torch.eye(L).bool() & (window is None or blk - prev < window)
+                allowed[:, blk * L:(blk + 1) * L, prev * L:(prev + 1) * L] = own
         neg = torch.finfo(torch.float32).min
         return torch.where(allowed, 0.0, neg)[:, None]
 
@@ -205,36 +233,137 @@ def grads_by_hf_name(grads, cfg, path):
 # ----------------------------------------------------------------------------- tests
 
 
-def test_rollout_and_loss_match_naive_growing_mask(setup):
-    cfg, params, path = setup
-    tokens, thoughts = jnp.asarray(batch_tokens()), jnp.asarray(forced_thoughts(cfg))
-    ref = NaiveQuietStar(path, cfg).loss(np.asarray(tokens), np.asarray(thoughts))
+# The variants the configs use, each against the naive reference. Float32 throughout: values at
+# rtol 1e-5, logits and thought log-probs at atol 1e-5, and gradients at 1e-5 of each tensor's
+# largest entry, except where the TRICE baseline cancels (see the test).
+NAIVE_VARIANTS = {
+    # The authors' settings without the baseline, at the 1e6 policy weight: the advantages are
+    # rewards, no cancellation, so the weighted policy gradient is exact to 1e-5 too.
+    "untied-remat-no_baseline": (False, dict(use_trice_baseline=False)),
+    # The demo's path: tied embeddings (SmolLM2), `remat_passes=False` (configs/demo.py), TRICE.
+    "tied-no_remat-trice2": (True, dict(remat_passes=False, policy_loss_beta=1.0)),
+    # Three rationales under TRICE (two carry the policy gradient), the bounded mixing weight,
+    # and a sliding window of 7 that drops base keys from positions 7 on (chains reach 15); the
+    # chains' own keys, at most 5 positions back, stay inside it.
+    "sigmoid-window-trice3": (False, dict(mixing_sigmoid=True, n_passes=3, policy_loss_beta=1.0,
+                                          sliding_window=7)),
+}
+
+
+@pytest.mark.parametrize("variant", list(NAIVE_VARIANTS))
+def test_rollout_loss_and_gradients_match_naive_growing_mask(request, tmp_path, variant):
+    """Losses, metrics, logits, thought log-probs and every parameter's gradient.
+
+    With the TRICE baseline a rationale's advantage is the difference of nearly equal rewards:
+    float32 rounding of ~1e-7 in each is ~1e-4 relative in the policy term, and at the default
+    1e6 policy weight that swamps everything else in the loss and its gradient (the untied
+    variant checks the weighted gradient without the baseline). With the baseline the variants
+    weigh the policy term 1: its gradient, through the rows that carry it, then sits beside the
+    NLL's at the same scale, and both are checked at 1e-5; the policy term's value keeps 5e-4.
+    One exception: the start embedding, which every thought log-prob reads at pass 1. Its policy
+    gradient sums advantage-weighted terms ~50x its total (without the baseline it is ~40, with
+    it ~0.5; measured), so the advantages' rounding is ~1e-4 of it: 2e-4 there, and only there.
+    """
+    tied, changes = NAIVE_VARIANTS[variant]
+    cfg, params, path = request.getfixturevalue("tied_setup" if tied else "setup")
+    changes = dict(changes)
+    window = changes.pop("sliding_window", None)
+    cfg = cfg.replace(model=cfg.model.replace(sliding_window=window), **changes)
+    assert cfg.model.tie_embeddings == tied
+    tokens, thoughts = batch_tokens(), forced_thoughts(cfg)
+    naive = NaiveQuietStar(path, cfg)
+    ref = naive.loss(tokens, thoughts)
+    ref["loss"].backward()
+    tokens_j, thoughts_j = jnp.asarray(tokens), jnp.asarray(thoughts)
 
     @jax.jit
     def ours(p):
-        _, metrics = quiet_star_loss(p, {"tokens": tokens}, jax.random.key(0), cfg, thoughts)
-        ro = rollout(p, tokens, tokens != PAD, jax.random.key(0), cfg, thoughts,
+        (_, metrics), grads = jax.value_and_grad(
+            lambda p: quiet_star_loss(p, {"tokens": tokens_j}, jax.random.key(0), cfg, thoughts_j),
+            has_aux=True)(p)
+        ro = rollout(p, tokens_j, tokens_j != PAD, jax.random.key(0), cfg, thoughts_j,
                      return_talk_logits=True)
-        return metrics, ro
+        return metrics, grads, ro
 
-    metrics, ro = ours(params)
+    metrics, grads, ro = ours(params)
     assert ref["policy_loss"].item() != 0.0  # the REINFORCE term is exercised
-    for name in ["nll", "loss_base", "loss_talk_0", "loss_talk_2"]:
+    names = ["nll", "loss_base"] + [f"loss_talk_{t}" for t in range(cfg.n_ahead_talk)]
+    cancels = cfg.use_trice_baseline and cfg.policy_loss_beta > 1
+    for name in names + ([] if cancels else ["loss"]):
         np.testing.assert_allclose(metrics[name], ref[name].item(), rtol=1e-5, err_msg=name)
     # A reward is a difference of cross-entropies: 1e-5 of their size, not of the difference.
     np.testing.assert_allclose(metrics["reward_mean"], ref["reward_mean"].item(),
                                atol=1e-5 * ref["loss_base"].item())
-    # Advantages are differences of the two rationales' rewards: float32 rounding of ~1e-7
-    # there is ~1e-4 relative in the policy term, which the 1e6 weight carries into the loss.
-    for name in ["policy_loss", "loss"]:
+    for name in ["policy_loss"] + (["loss"] if cancels else []):
         np.testing.assert_allclose(metrics[name], ref[name].item(), rtol=5e-4, err_msg=name)
     np.testing.assert_allclose(ro.thought_logprobs, ref["logprobs"].detach(), atol=1e-5)
-    np.testing.assert_allclose(ro.base_logits, ref["base_logits"].detach(), atol=1e-5)
-    rows = np.asarray(tokens) != PAD  # padded chains see other (masked) keys; never scored
+    np.testing.assert_allclose(ro.base_logits, ref["base_logits"].detach(), rtol=1e-5, atol=1e-5)
+    rows = tokens != PAD  # padded chains see other (masked) keys; never scored
     for i, logits in enumerate(ref["talk_logits"]):
         p, t = divmod(i, cfg.n_ahead_talk)
         np.testing.assert_allclose(np.asarray(ro.talk_logits[:, p, t])[rows],
-                                   logits.detach().numpy()[rows], atol=1e-5)
+                                   logits.detach().numpy()[rows], rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{p} {t}")
+
+    ours_g = grads_by_hf_name(grads, cfg, tmp_path / "grads")
+    theirs = {n: p.grad for n, p in naive.lm.named_parameters()}  # a tied head is one tensor
+    theirs.update({n: p.grad for n, p in naive.extra.items()})
+    assert set(ours_g) == set(theirs)
+    assert ("lm_head.weight" in theirs) != tied
+    for name, g in theirs.items():
+        g = g.numpy()
+        scale = max(np.abs(g).max(), 1e-6)
+        tol = 2e-4 if name == "start_embedding" and cfg.use_trice_baseline else 1e-5
+        np.testing.assert_allclose(ours_g[name] / scale, g / scale, atol=tol, err_msg=name)
+    for name in ["start_embedding", "end_embedding", "talk_head.0.0.weight",
+                 "talk_head.0.4.weight", "model.embed_tokens.weight",
+                 "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]:
+        assert np.abs(ours_g[name]).max() > 0, name  # every part of the model learns
+
+
+def test_bf16_compute_matches_float32_reference(setup):
+    """bf16 compute with float32 parameters (configs/gpu.py, configs/tpu_v4.py) against the
+    naive reference in float32.
+
+    bf16 keeps 8 significant bits, so each rounding is up to 2^-9 ~ 2e-3 relative, and every
+    matmul input, norm and residual add of 2 layers and up to 7 chain passes is rounded. The
+    errors are independent and add in quadrature, so logits land within ~1e-2 of their largest
+    size (measured: 4e-3 base, up to 2e-2 on talk logits, 4e-4 absolute on thought log-probs of
+    size ~4); the losses, averages over many tokens near log V, within ~4e-5 (measured). The
+    bounds leave 2-5x room and are far below what a wrong mask, mixing weight or pass order
+    gives (tens of percent of a logit). The policy term is left out: under the TRICE baseline
+    it is a difference of nearly equal rewards, which bf16 does not resolve. bf16 must really
+    run: the logits differ from float32's by far more than float32 rounding (1e-6).
+    """
+    cfg, params, path = setup
+    cfg16 = cfg.replace(model=cfg.model.replace(dtype="bfloat16"))
+    tokens, thoughts = batch_tokens(), forced_thoughts(cfg)
+    ref = NaiveQuietStar(path, cfg).loss(tokens, thoughts)
+    tokens_j, thoughts_j = jnp.asarray(tokens), jnp.asarray(thoughts)
+
+    @jax.jit
+    def ours(p):
+        _, metrics = quiet_star_loss(p, {"tokens": tokens_j}, jax.random.key(0), cfg16, thoughts_j)
+        ro = rollout(p, tokens_j, tokens_j != PAD, jax.random.key(0), cfg16, thoughts_j,
+                     return_talk_logits=True)
+        return metrics, ro
+
+    metrics, ro = ours(params)
+    for name in ["nll", "loss_base"] + [f"loss_talk_{t}" for t in range(cfg.n_ahead_talk)]:
+        np.testing.assert_allclose(metrics[name], ref[name].item(), rtol=2e-4, err_msg=name)
+
+    def relative_error(got, want):
+        return np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+
+    base = relative_error(ro.base_logits, ref["base_logits"].detach().numpy())
+    assert 1e-4 < base < 1e-2, base
+    rows = tokens != PAD
+    for i, logits in enumerate(ref["talk_logits"]):
+        p, t = divmod(i, cfg.n_ahead_talk)
+        err = relative_error(np.asarray(ro.talk_logits[:, p, t])[rows],
+                             logits.detach().numpy()[rows])
+        assert err < 4e-2, (p, t, err)
+    np.testing.assert_allclose(ro.thought_logprobs, ref["logprobs"].detach(), atol=2e-3)
 
 
 def test_evaluation_losses_match_naive_growing_mask(setup):
@@ -263,34 +392,6 @@ def test_evaluation_losses_match_naive_growing_mask(setup):
         np.testing.assert_array_equal(ours.valid[:, t], valid)
         np.testing.assert_allclose(ours.talk[:, t], talk, rtol=1e-5, atol=1e-5, err_msg=str(t))
     assert np.abs(np.asarray(ours.think) - np.asarray(ours.base)).max() > 1e-3  # thoughts count
-
-
-def test_gradients_match_naive_growing_mask(setup, tmp_path):
-    """Without the baseline the advantages carry no cancellation, so 1e-5 holds throughout."""
-    _, params, path = setup
-    cfg = setup[0].replace(use_trice_baseline=False)
-    tokens, thoughts = batch_tokens(), forced_thoughts(cfg)
-    naive = NaiveQuietStar(path, cfg)
-    ref = naive.loss(tokens, thoughts)
-    ref["loss"].backward()
-
-    def loss_fn(p):
-        return quiet_star_loss(p, {"tokens": jnp.asarray(tokens)}, jax.random.key(0), cfg,
-                               thought_tokens=jnp.asarray(thoughts))
-
-    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-    np.testing.assert_allclose(loss, ref["loss"].item(), rtol=1e-5)
-    ours = grads_by_hf_name(grads, cfg, tmp_path / "grads")
-    theirs = {n: p.grad for n, p in naive.lm.named_parameters()}
-    theirs.update({n: p.grad for n, p in naive.extra.items()})
-    assert set(ours) == set(theirs)
-    for name, g in theirs.items():
-        g = g.numpy()
-        scale = max(np.abs(g).max(), 1e-6)
-        np.testing.assert_allclose(ours[name] / scale, g / scale, atol=1e-5, err_msg=name)
-    for name in ["start_embedding", "end_embedding", "talk_head.0.0.weight",
-                 "model.layers.0.self_attn.q_proj.weight"]:
-        assert np.abs(ours[name]).max() > 0, name
 
 
 @pytest.mark.parametrize("trice, bonus", [(True, False), (False, False), (True, True)])
@@ -384,9 +485,8 @@ def test_chain_sees_nothing_of_the_future(setup):
     j = 4
     changed = tokens.copy()
     changed[:, j + 1:] = (changed[:, j + 1:] + 5) % BASE_VOCAB + 1
-    run = lambda t: rollout(params, jnp.asarray(t), jnp.ones(t.shape, bool),  # noqa: E731
-                            jax.random.key(3), cfg)
-    a, b = run(tokens), run(changed)
+    run = jax.jit(lambda t: rollout(params, t, jnp.ones(t.shape, bool), jax.random.key(3), cfg))
+    a, b = run(jnp.asarray(tokens)), run(jnp.asarray(changed))  # one compile for both
     np.testing.assert_array_equal(a.thought_tokens[:, :, :j + 1], b.thought_tokens[:, :, :j + 1])
     np.testing.assert_allclose(a.thought_logprobs[:, :, :j + 1], b.thought_logprobs[:, :, :j + 1],
                                atol=1e-6)
@@ -442,17 +542,19 @@ def test_forced_thoughts_ignore_rng_and_sampling_avoids_thought_tokens(setup, th
     assert float(run(params, jax.random.key(1), thoughts)) == float(
         run(params, jax.random.key(2), thoughts))
     # Forced tokens come back as given.
-    forced = rollout(params, tokens, tokens != PAD, jax.random.key(1), cfg, thoughts)
-    np.testing.assert_array_equal(forced.thought_tokens, thoughts)
+    forced = jax.jit(lambda th: rollout(params, tokens, tokens != PAD, jax.random.key(1), cfg,
+                                        th).thought_tokens)(thoughts)
+    np.testing.assert_array_equal(forced, thoughts)
     # Make the thought tokens by far the likeliest: sampling must still never pick them.
     rigged = jax.tree.map(lambda x: x, params)
     kernel = rigged["decoder"]["lm_head"]["kernel"]
     rigged["decoder"]["lm_head"]["kernel"] = kernel.at[np.array(thought_ids)].set(50.0)
     for greedy in (False, True):
-        ro = rollout(rigged, tokens, tokens != PAD, jax.random.key(4),
-                     cfg.replace(greedy_thoughts=greedy))
-        assert ro.thought_tokens.shape == (B, cfg.n_passes, L, cfg.n_sampled)
-        drawn = np.asarray(ro.thought_tokens)
+        drawn_cfg = cfg.replace(greedy_thoughts=greedy)
+        drawn = jax.jit(lambda p, c=drawn_cfg: rollout(
+            p, tokens, tokens != PAD, jax.random.key(4), c).thought_tokens)(rigged)
+        assert drawn.shape == (B, cfg.n_passes, L, cfg.n_sampled)
+        drawn = np.asarray(drawn)
         assert not np.isin(drawn, thought_ids).any()
         assert drawn.min() >= 0 and drawn.max() < cfg.model.vocab_size
         if not greedy:
@@ -526,34 +628,6 @@ def test_token_logprob_and_its_gradient_match_log_softmax(temperature):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got_vjp(ct)[0], want_vjp(ct)[0], rtol=1e-6, atol=1e-7)
     assert float(got_vjp(ct)[0][0, 0, 7]) == 0.0
-
-
-def test_one_step_moves_thought_params_and_decoder(setup):
-    import optax
-
-    cfg, params, _ = setup
-    tokens = jnp.asarray(batch_tokens())
-    opt = optax.adamw(1e-3)
-
-    @jax.jit
-    def step(p, state):
-        (_, m), g = jax.value_and_grad(
-            lambda p: quiet_star_loss(p, {"tokens": tokens}, jax.random.key(0), cfg),
-            has_aux=True)(p)
-        updates, state = opt.update(g, state, p)
-        return optax.apply_updates(p, updates), g
-
-    new, grads = step(params, opt.init(params))
-    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-    for path in [("start_embedding",), ("end_embedding",), ("mixing_head", "out", "kernel"),
-                 ("mixing_head", "hidden_0", "kernel"), ("decoder", "layers", "mlp", "up_proj",
-                                                         "kernel"), ("decoder", "embed",
-                                                                     "embedding")]:
-        old_x, new_x, g = params, new, grads
-        for key in path:
-            old_x, new_x, g = old_x[key], new_x[key], g[key]
-        assert float(jnp.abs(g).max()) > 0, path
-        assert not np.allclose(old_x, new_x), path
 
 
 @pytest.mark.parametrize("change, message", [

