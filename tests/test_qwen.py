@@ -314,10 +314,6 @@ def test_named_shape_qwen3_8b_has_thought_tokens_after_the_matrix():
 # The checks of the Llama rollout against the naive growing-mask reference, and of decoding against
 # the parallel evaluation-mode logits, run on Qwen models: they take this module's fixtures
 # `setup` (Qwen3) and `model` (Qwen2).
-test_qwen3_rollout_and_loss_match_naive_growing_mask = (
-    test_thoughts.test_rollout_and_loss_match_naive_growing_mask)
-test_qwen3_gradients_match_naive_growing_mask = (
-    test_thoughts.test_gradients_match_naive_growing_mask)
 test_qwen2_thinking_logits_equal_parallel_eval_logits = (
     test_generate.test_thinking_logits_equal_parallel_eval_logits)
 
@@ -344,6 +340,20 @@ def setup(tmp_path_factory):
     hf_checkpoint.to_hf(params, mcfg, path, quiet_star=cfg)
     assert json.loads((path / "config.json").read_text())["model_type"] == "qwen3"
     return cfg, params, path
+
+
+@pytest.fixture(scope="module")
+def tied_setup(setup):
+    """test_thoughts' name for a tied model: the Qwen3 model is one."""
+    return setup
+
+
+@pytest.mark.parametrize("variant", ["tied-no_remat-trice2"])
+def test_qwen3_rollout_loss_and_gradients_match_naive_growing_mask(request, tmp_path, variant):
+    """test_thoughts' naive growing-mask check (losses, logits, thought log-probs, every
+    parameter's gradient) on the tied Qwen3 model, in the tied variant."""
+    test_thoughts.test_rollout_loss_and_gradients_match_naive_growing_mask(request, tmp_path,
+                                                                           variant)
 
 
 @pytest.fixture(scope="module")
