@@ -11,7 +11,6 @@ tokens go right after the config's vocabulary).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -178,17 +177,14 @@ def _weightless_model(config: ml_collections.ConfigDict) -> loading.Model:
         with tempfile.TemporaryDirectory() as workdir:  # a random model's tokenizer, dropped
             return loading.load_model(config, workdir)
     runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
-    with tempfile.TemporaryDirectory() as tmp:
-        if path in SHAPES:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(SHAPES[path], f)
-            path = tmp
-        elif os.path.basename(path) == "config.json":
-            path = os.path.dirname(path) or "."
-        elif not os.path.isdir(path):
-            raise ValueError(f"model.path={path}: no such directory, config.json or shape "
-                             f"({', '.join(SHAPES)})")
-        model_cfg = hf_checkpoint.read_config(path, **runtime)
+    if path in SHAPES:
+        model_cfg = hf_checkpoint.config_from_hf(SHAPES[path], f"shape {path}").replace(**runtime)
+    elif os.path.isdir(path) or (os.path.isfile(path) and os.path.basename(path) == "config.json"):
+        directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        model_cfg = hf_checkpoint.read_config(directory, **runtime)
+    else:
+        raise ValueError(f"model.path={path}: no such directory, config.json or shape "
+                         f"({', '.join(SHAPES)})")
     vocab = model_cfg.vocab_size
     ids = config_lib.ThoughtIds(start_thought_id=vocab, end_thought_id=vocab + 1, pad_id=0)
     grown = model_cfg.replace(vocab_size=vocab + N_THOUGHT_TOKENS)

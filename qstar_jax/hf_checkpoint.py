@@ -48,7 +48,7 @@ INDEX = "model.safetensors.index.json"
 # ----------------------------------------------------------------------------- config.json
 
 
-def _config_from_hf(raw: dict, source: Path) -> ModelConfig:
+def config_from_hf(raw: dict, source: str | os.PathLike) -> ModelConfig:
     """ModelConfig from a transformers config.json dict (v4 or v5 keys); `source` names the file."""
 
     def fail(key: str, problem: str) -> CheckpointError:
@@ -198,7 +198,7 @@ def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     """The ModelConfig of an HF directory (config.json only), with RUNTIME_FIELDS overrides."""
     check_runtime_overrides(overrides)
     path = _existing_dir(path)
-    return _config_from_hf(_read_json(path / "config.json"), path / "config.json").replace(
+    return config_from_hf(_read_json(path / "config.json"), path / "config.json").replace(
         **overrides)
 
 # ----------------------------------------------------------------------------- tensor layout

@@ -42,7 +42,7 @@ class Model:
     """
 
     cfg: QuietStarConfig
-    tokenizer: tokenizer_lib.Tokenizer
+    tokenizer: tokenizer_lib.Tokenizer | None  # None: a shape only (compile_check)
     init_token_id: int
     load: Callable[[], Params] | None
 
