@@ -21,7 +21,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check qstar_jax configs tests benchmarks
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: setup
 	$(BIN)/python benchmarks/train_step.py

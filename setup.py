@@ -28,6 +28,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.8",  # make test: two workers, a test file per worker at a time
             "pillow>=11",  # decodes the report's images (matplotlib brings it)
             "torch==2.13.0",
             "transformers>=5.23.0",
