@@ -405,6 +405,13 @@ def _span_backward(block, saved, cotangents):
 _span_attention.defvjp(_span_forward, _span_backward)
 
 
+def _dense_if_small(masks: Masks, block: int) -> Masks:
+    """Spans of at most `block` keys as dense masks (what `attend` makes of them), built once
+    for all layers rather than in each."""
+    small = lambda m: m.dense() if isinstance(m, Span) and m.key_pos_BS.shape[1] <= block else m  # noqa: E731
+    return masks.replace(prefix_BLS=small(masks.prefix_BLS), self_BLL=small(masks.self_BLL))
+
+
 class Projection(nn.Module):
     """A weight of any rank applied by einsum (a 3-D kernel keeps its logical axis names), plus a
     bias over the kernel's output axes when `use_bias` (e.g. [H, E] for "bld,dhe->blhe")."""
@@ -554,14 +561,15 @@ class Transformer(nn.Module):
                 return None
             return (kv.k, kv.v) if i is None else (kv.k[i], kv.v[i])
 
+        masks = _dense_if_small(ctx.masks, self.cfg.attention_block)
         if self.cfg.scan_layers:
             layer_kv = (layer_slices(ctx.prefix), layer_slices(ctx.chain))
-            x_BLD, (k, v) = self.layers(x_BLD, layer_kv, positions_BL, ctx.masks)
+            x_BLD, (k, v) = self.layers(x_BLD, layer_kv, positions_BL, masks)
         else:
             ks, vs = [], []
             for i, layer in enumerate(self.layers):
                 layer_kv = (layer_slices(ctx.prefix, i), layer_slices(ctx.chain, i))
-                x_BLD, (k, v) = layer(x_BLD, layer_kv, positions_BL, ctx.masks)
+                x_BLD, (k, v) = layer(x_BLD, layer_kv, positions_BL, masks)
                 ks.append(k)
                 vs.append(v)
             k, v = jnp.stack(ks), jnp.stack(vs)
