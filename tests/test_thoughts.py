@@ -248,10 +248,11 @@ NAIVE_VARIANTS = {
     "sigmoid-window-trice3": (False, dict(mixing_sigmoid=True, n_passes=3, policy_loss_beta=1.0,
                                           sliding_window=7)),
     # Attention over the base keys block by block (`span_attention`, blocks of 4 keys: L = 10 is
-    # not a multiple), in the base pass and every chain pass, under the sliding window; no
-    # baseline, so the 1e6-weighted gradient is exact to 1e-5 (see the untied variant).
-    "blockwise-window-no_baseline": (False, dict(use_trice_baseline=False, sliding_window=7,
-                                                 attention_block=4)),
+    # not a multiple), in the base pass and every chain pass, under the sliding window; TRICE at
+    # policy weight 1 (at 1e6 the blocks' float32 rounding, ~2e-5 of an entry, is amplified
+    # past 1e-5 of the largest gradient entry in one of the head's 1344).
+    "blockwise-window-trice2": (False, dict(policy_loss_beta=1.0, sliding_window=7,
+                                            attention_block=4)),
 }
 
 
