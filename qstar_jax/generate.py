@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qstar_jax import loading
-from qstar_jax.model import Context, KeyValues, Masks, Params, visible
+from qstar_jax.model import Context, KeyValues, Masks, Params, span
 from qstar_jax.thoughts import (
     ChainPrefix,
     QuietStarConfig,
@@ -102,8 +102,8 @@ def extend(params: Params, state: DecodeState, tokens_BL: jax.Array, valid_BL: j
     """
     window = cfg.model.sliding_window
     positions_BL = (state.pos_last_B[:, None] + jnp.cumsum(valid_BL, 1)).astype(jnp.int32)
-    masks = Masks(prefix_BLS=visible(positions_BL, state.positions_BT, state.valid_BT, window),
-                  self_BLL=visible(positions_BL, positions_BL, valid_BL, window))
+    masks = Masks(prefix_BLS=span(positions_BL, state.positions_BT, state.valid_BT, window),
+                  self_BLL=span(positions_BL, positions_BL, valid_BL, window))
     h_BLD, new = hidden(params, cfg, embed_tokens(params, cfg, tokens_BL), positions_BL,
                         Context(masks, prefix=state.kv))
     put = lambda buf, x, axis: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731

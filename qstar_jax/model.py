@@ -4,13 +4,19 @@ There is no mutable cache: a call says what its new tokens may attend to besides
 `Context` of shared prefix keys and per-token chain keys) and returns the keys/values it made, so
 the thought rollout and KV-cached decoding drive the same layers step by step.
 
+Attention over many keys (more than `ModelConfig.attention_block`, given as a `Span`) runs
+block by block with an online softmax (`span_attention`): memory linear in the keys, forward and
+backward.
+
 Shape suffixes: B batch, L new tokens, S prefix keys, C chain keys per token, D model width,
-H query heads, K key/value heads, G = H // K, E head width, F ffn width, V vocabulary, N layers.
+H query heads, K key/value heads, G = H // K, E head width, F ffn width, V vocabulary, N layers,
+X keys of one block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +54,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
+    # Keys per block of `span_attention`: a `Span` of more keys is attended block by block
+    # (memory linear in the keys), one of at most this many in one dense softmax.
+    attention_block: int = 512
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -58,6 +67,8 @@ class ModelConfig:
             )
         if self.remat_policy != "none" and not hasattr(jax.checkpoint_policies, self.remat_policy):
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}")
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block={self.attention_block} must be >= 1")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -104,12 +115,46 @@ class KeyValues:
 
 
 @flax.struct.dataclass
-class Masks:
-    """Which keys each new token sees. `self_BLL` None: each new token sees only its own key."""
+class Span:
+    """Which keys each new token sees, as bounds instead of an [B, L, S] array: key s is seen by
+    query l when it is valid and lo_BL[l] < key_pos_BS[s] <= hi_BL[l].
 
-    prefix_BLS: jax.Array | None = None
+    Memory O(L + S), where a dense mask is O(L * S); `span_attention` builds each block's mask
+    from it.
+    """
+
+    key_pos_BS: jax.Array
+    hi_BL: jax.Array  # the last key position seen (causal)
+    lo_BL: jax.Array | None = None  # keys at or below it are outside the sliding window
+    key_valid_BS: jax.Array | None = None  # None: every key is a real token
+
+    def dense(self) -> jax.Array:
+        """The mask [B, L, S]."""
+        k = self.key_pos_BS[:, None, :]
+        mask = k <= self.hi_BL[:, :, None]
+        if self.lo_BL is not None:
+            mask &= k > self.lo_BL[:, :, None]
+        if self.key_valid_BS is not None:
+            mask &= self.key_valid_BS[:, None, :]
+        return mask
+
+
+def span(q_pos_BL: jax.Array, k_pos_BS: jax.Array, k_valid_BS: jax.Array | None = None,
+         window: int | None = None, window_from_BL: jax.Array | None = None) -> Span:
+    """Causal visibility: key position <= query position, key valid, and within `window` of
+    `window_from_BL` (default the query position): q - k < window."""
+    anchor = q_pos_BL if window_from_BL is None else window_from_BL
+    return Span(k_pos_BS, q_pos_BL, None if window is None else anchor - window, k_valid_BS)
+
+
+@flax.struct.dataclass
+class Masks:
+    """Which keys each new token sees: a dense [B, L, S] bool array or a `Span` per key set.
+    `self_BLL` None: each new token sees only its own key."""
+
+    prefix_BLS: jax.Array | Span | None = None
     chain_BLC: jax.Array | None = None
-    self_BLL: jax.Array | None = None
+    self_BLL: jax.Array | Span | None = None
 
 
 @flax.struct.dataclass
@@ -124,19 +169,13 @@ class Context:
 def visible(q_pos_BL: jax.Array, k_pos_BS: jax.Array, k_valid_BS: jax.Array | None = None,
             window: int | None = None) -> jax.Array:
     """Causal visibility [B, L, S]: key position <= query position, key valid, within the window."""
-    q, k = q_pos_BL[:, :, None], k_pos_BS[:, None, :]
-    mask = k <= q
-    if window is not None:
-        mask &= q - k < window
-    if k_valid_BS is not None:
-        mask &= k_valid_BS[:, None, :]
-    return mask
+    return span(q_pos_BL, k_pos_BS, k_valid_BS, window).dense()
 
 
 def causal_context(positions_BL: jax.Array, valid_BL: jax.Array | None = None,
                    window: int | None = None) -> Context:
     """Context of an ordinary causal pass over a sequence (padding keys masked when given)."""
-    return Context(Masks(self_BLL=visible(positions_BL, positions_BL, valid_BL, window)))
+    return Context(Masks(self_BLL=span(positions_BL, positions_BL, valid_BL, window)))
 
 
 # ----------------------------------------------------------------------------- layers
@@ -200,17 +239,29 @@ class RMSNorm(nn.Module):
 
 def attend(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Array, masks: Masks,
            prefix: tuple[jax.Array, jax.Array] | None,
-           chain: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-    """One softmax over prefix keys [B,S,K,E], chain keys [B,L,C,K,E] and the new keys [B,L,K,E]."""
+           chain: tuple[jax.Array, jax.Array] | None, block: int = 512) -> jax.Array:
+    """One softmax over prefix keys [B,S,K,E], chain keys [B,L,C,K,E] and the new keys [B,L,K,E].
+
+    Prefix or new keys under a `Span` of more than `block` keys are attended by `span_attention`
+    and merged with the rest through their log-sum-exp: the same softmax, computed in parts.
+    """
     b, n, h, e = q_BLHE.shape
     kh = k_BLKE.shape[2]
     q = q_BLHE.reshape(b, n, kh, h // kh, e) * (1.0 / math.sqrt(e))  # [B, L, K, G, E]
     # Each block: (scores [B,K,G,L,X], mask broadcastable to it, probs [B,K,G,L,X] -> out).
-    blocks = []
+    blocks, spans = [], []
+
+    def every_token(keys_BSKE, values_BSKE, mask):
+        """Keys all new tokens may see (the prefix, or the new keys themselves)."""
+        if isinstance(mask, Span) and keys_BSKE.shape[1] > block:
+            spans.append((keys_BSKE, values_BSKE, mask))
+            return
+        mask = mask.dense() if isinstance(mask, Span) else mask
+        blocks.append((jnp.einsum("blkge,bske->bkgls", q, keys_BSKE), mask[:, None, None],
+                       lambda p: jnp.einsum("bkgls,bske->bkgle", p, values_BSKE)))
+
     if prefix is not None:
-        pk, pv = prefix
-        blocks.append((jnp.einsum("blkge,bske->bkgls", q, pk), masks.prefix_BLS[:, None, None],
-                       lambda p, v=pv: jnp.einsum("bkgls,bske->bkgle", p, v)))
+        every_token(*prefix, masks.prefix_BLS)
     if chain is not None:
         ck, cv = chain
         blocks.append((jnp.einsum("blkge,blcke->bkglc", q, ck), masks.chain_BLC[:, None, None],
@@ -220,17 +271,145 @@ def attend(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Array, masks: Masks
         v_BK1LE = v_BLKE.transpose(0, 2, 1, 3)[:, :, None]
         blocks.append((own, True, lambda p: p * v_BK1LE))
     else:
-        blocks.append((jnp.einsum("blkge,bske->bkgls", q, k_BLKE), masks.self_BLL[:, None, None],
-                       lambda p: jnp.einsum("bkgls,bske->bkgle", p, v_BLKE)))
+        every_token(k_BLKE, v_BLKE, masks.self_BLL)
+    parts = [span_attention(q, keys, values, mask, block) for keys, values, mask in spans]
+    if blocks:
+        parts.append(_softmax_blocks(blocks, v_BLKE.dtype))
+    out_BKGLE = parts[0][0] if len(parts) == 1 else _merge(parts)
+    return out_BKGLE.astype(v_BLKE.dtype).transpose(0, 3, 1, 2, 4).reshape(b, n, h, e)
+
+
+def _softmax_blocks(blocks: list, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """One softmax over the blocks' scores: (out [B,K,G,L,E] in `dtype`, log-sum-exp
+    [B,K,G,L] float32, unused and not computed when nothing is merged)."""
     logits = jnp.concatenate(
         [jnp.where(mask, s.astype(jnp.float32), NEG_INF) for s, mask, _ in blocks], axis=-1)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BLKE.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     out_BKGLE, start = 0.0, 0
     for scores, _, combine in blocks:
         width = scores.shape[-1]
         out_BKGLE = out_BKGLE + combine(probs[..., start:start + width])
         start += width
-    return out_BKGLE.transpose(0, 3, 1, 2, 4).reshape(b, n, h, e)
+    return out_BKGLE, jax.nn.logsumexp(logits, axis=-1)
+
+
+def _merge(parts: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
+    """Outputs [B,K,G,L,E] of softmaxes over disjoint key sets, each with its log-sum-exp
+    [B,K,G,L], as the one softmax over all of them would give (float32)."""
+    lse = functools.reduce(jnp.logaddexp, [lse for _, lse in parts])
+    return sum(jnp.exp(part_lse - lse)[..., None] * out.astype(jnp.float32)
+               for out, part_lse in parts)
+
+
+# ----------------------------------------------------------------------------- span attention
+
+
+def span_attention(q_BLKGE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, span: Span,
+                   block: int) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention of (scaled) queries over the keys `span` lets them see, `block` keys at
+    a time: (out [B,K,G,L,E], log-sum-exp [B,K,G,L]), float32.
+
+    An online softmax (running max, sum and output) scanned over key blocks, each block's mask
+    built from `span`; S need not be a multiple of `block` (the last block is padded with
+    invalid keys). The backward pass recomputes each block's scores from the saved output and
+    log-sum-exp (flash attention's), so memory is O(L * block + S) both ways, never O(L * S). A
+    query that sees no key gets out 0 and log-sum-exp NEG_INF: it adds nothing when merged.
+    """
+    return _span_attention(block, q_BLKGE, k_BSKE, v_BSKE, span)
+
+
+def _key_blocks(block: int, k_BSKE: jax.Array, v_BSKE: jax.Array,
+                span: Span) -> tuple[jax.Array, ...]:
+    """Keys, values [N, B, X, K, E], key positions and valid flags [N, B, X]: N = ceil(S / X)
+    blocks of X keys, the last padded with invalid keys."""
+    s = k_BSKE.shape[1]
+    n = -(-s // block)
+    valid_BS = (jnp.ones(span.key_pos_BS.shape, bool) if span.key_valid_BS is None
+                else span.key_valid_BS)
+
+    def split(x_BS):
+        pad = [(0, 0), (0, n * block - s)] + [(0, 0)] * (x_BS.ndim - 2)
+        x = jnp.pad(x_BS, pad)  # padding: zeros, False (invalid) for the valid flags
+        return jnp.moveaxis(x.reshape((x.shape[0], n, block) + x.shape[2:]), 1, 0)
+
+    return split(k_BSKE), split(v_BSKE), split(span.key_pos_BS), split(valid_BS)
+
+
+def _block_scores(q_BLKGE: jax.Array, span: Span, k_BXKE: jax.Array, pos_BX: jax.Array,
+                  valid_BX: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scores [B,K,G,L,X] float32 of one key block (NEG_INF where `span` hides the key) and the
+    mask [B,1,1,L,X]."""
+    mask = span.replace(key_pos_BS=pos_BX, key_valid_BS=valid_BX).dense()[:, None, None]
+    scores = jnp.einsum("blkge,bxke->bkglx", q_BLKGE, k_BXKE).astype(jnp.float32)
+    return jnp.where(mask, scores, NEG_INF), mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _span_attention(block, q_BLKGE, k_BSKE, v_BSKE, span):
+    return _span_forward(block, q_BLKGE, k_BSKE, v_BSKE, span)[0]
+
+
+def _span_forward(block, q_BLKGE, k_BSKE, v_BSKE, span):
+    b, length, kh, g, e = q_BLKGE.shape
+
+    def body(carry, xs):
+        m_BKGL, sum_BKGL, o_BKGLE = carry
+        k_BXKE, v_BXKE, pos_BX, valid_BX = xs
+        s, mask = _block_scores(q_BLKGE, span, k_BXKE, pos_BX, valid_BX)
+        m_new = jnp.maximum(m_BKGL, jnp.max(s, -1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        rescale = jnp.exp(m_BKGL - m_new)
+        o_BKGLE = o_BKGLE * rescale[..., None] + jnp.einsum(
+            "bkglx,bxke->bkgle", p.astype(v_BXKE.dtype), v_BXKE,
+            preferred_element_type=jnp.float32)
+        return (m_new, sum_BKGL * rescale + jnp.sum(p, -1), o_BKGLE), None
+
+    init = (jnp.full((b, kh, g, length), NEG_INF), jnp.zeros((b, kh, g, length)),
+            jnp.zeros((b, kh, g, length, e)))
+    (m, total, o), _ = jax.lax.scan(body, init, _key_blocks(block, k_BSKE, v_BSKE, span))
+    seen = total > 0
+    total = jnp.where(seen, total, 1.0)
+    out_BKGLE = o / total[..., None]
+    lse_BKGL = jnp.where(seen, m + jnp.log(total), NEG_INF)
+    return (out_BKGLE, lse_BKGL), (q_BLKGE, k_BSKE, v_BSKE, span, out_BKGLE, lse_BKGL)
+
+
+def _span_backward(block, saved, cotangents):
+    q_BLKGE, k_BSKE, v_BSKE, span, out_BKGLE, lse_BKGL = saved
+    d_out_BKGLE, d_lse_BKGL = cotangents
+    # d score = p * (d p - sum(d out * out) + d lse), per block, p = exp(score - lse).
+    delta_BKGL = jnp.sum(d_out_BKGLE * out_BKGLE, -1) - d_lse_BKGL
+    d_out = d_out_BKGLE.astype(v_BSKE.dtype)
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+    def body(d_q_BLKGE, xs):
+        k_BXKE, v_BXKE, pos_BX, valid_BX = xs
+        s, mask = _block_scores(q_BLKGE, span, k_BXKE, pos_BX, valid_BX)
+        p = jnp.where(mask, jnp.exp(s - lse_BKGL[..., None]), 0.0)
+        d_v_BXKE = f32("bkglx,bkgle->bxke", p.astype(v_BXKE.dtype), d_out)
+        d_p = f32("bkgle,bxke->bkglx", d_out, v_BXKE)
+        d_s = (p * (d_p - delta_BKGL[..., None])).astype(k_BXKE.dtype)
+        d_q_BLKGE = d_q_BLKGE + f32("bkglx,bxke->blkge", d_s, k_BXKE)
+        d_k_BXKE = f32("bkglx,blkge->bxke", d_s, q_BLKGE)
+        return d_q_BLKGE, (d_k_BXKE, d_v_BXKE)
+
+    d_q, (d_k, d_v) = jax.lax.scan(body, jnp.zeros(q_BLKGE.shape, jnp.float32),
+                                   _key_blocks(block, k_BSKE, v_BSKE, span))
+    s = k_BSKE.shape[1]
+    joined = lambda x_NBX: jnp.moveaxis(x_NBX, 0, 1).reshape(  # noqa: E731
+        (x_NBX.shape[1], -1) + x_NBX.shape[3:])[:, :s]
+    return (d_q.astype(q_BLKGE.dtype), joined(d_k).astype(k_BSKE.dtype),
+            joined(d_v).astype(v_BSKE.dtype), None)
+
+
+_span_attention.defvjp(_span_forward, _span_backward)
+
+
+def _dense_if_small(masks: Masks, block: int) -> Masks:
+    """Spans of at most `block` keys as dense masks (what `attend` makes of them), built once
+    for all layers rather than in each."""
+    small = lambda m: m.dense() if isinstance(m, Span) and m.key_pos_BS.shape[1] <= block else m  # noqa: E731
+    return masks.replace(prefix_BLS=small(masks.prefix_BLS), self_BLL=small(masks.self_BLL))
 
 
 class Projection(nn.Module):
@@ -287,7 +466,7 @@ class Attention(nn.Module):
                        positions_BL, inv_freq)
         v = proj("v_proj", cfg.n_kv_heads, "kv_heads")
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
-        out = attend(q, k, v, masks, prefix, chain)
+        out = attend(q, k, v, masks, prefix, chain, cfg.attention_block)
         y = Projection((cfg.n_heads, e, d), ("heads", "head_dim", "embed"), "blhe,hed->bld",
                        cfg.dtype, cfg.param_dtype, cfg.o_bias, name="o_proj")(out)
         return y, k, v
@@ -382,14 +561,15 @@ class Transformer(nn.Module):
                 return None
             return (kv.k, kv.v) if i is None else (kv.k[i], kv.v[i])
 
+        masks = _dense_if_small(ctx.masks, self.cfg.attention_block)
         if self.cfg.scan_layers:
             layer_kv = (layer_slices(ctx.prefix), layer_slices(ctx.chain))
-            x_BLD, (k, v) = self.layers(x_BLD, layer_kv, positions_BL, ctx.masks)
+            x_BLD, (k, v) = self.layers(x_BLD, layer_kv, positions_BL, masks)
         else:
             ks, vs = [], []
             for i, layer in enumerate(self.layers):
                 layer_kv = (layer_slices(ctx.prefix, i), layer_slices(ctx.chain, i))
-                x_BLD, (k, v) = layer(x_BLD, layer_kv, positions_BL, ctx.masks)
+                x_BLD, (k, v) = layer(x_BLD, layer_kv, positions_BL, masks)
                 ks.append(k)
                 vs.append(v)
             k, v = jnp.stack(ks), jnp.stack(vs)

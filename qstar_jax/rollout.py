@@ -200,7 +200,8 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     """Base pass once, then the chain passes of every position in parallel for each rationale.
 
     The chain of position j sees the base keys x[0..j] (one shared causal prefix) and its own
-    earlier chain keys (a per-position buffer), merged in one softmax: O(L^2 + L*k) per pass.
+    earlier chain keys (a per-position buffer), merged in one softmax: O(L^2 + L*k) time per pass,
+    and memory linear in L when L exceeds `model.attention_block` (`model.span_attention`).
     `thought_tokens` [B, P, L, S] replaces sampling (tests, analysis); they are ordinary tokens,
     never the thought tokens' own ids: checked unless traced, and under jit such a token's
     log-prob is NaN (`speakable_index`).

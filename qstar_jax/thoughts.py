@@ -24,7 +24,7 @@ from qstar_jax.model import (
     ModelConfig,
     Params,
     Transformer,
-    visible,
+    span,
 )
 
 N_THOUGHT_TOKENS = 2  # <|startthought|>, <|endthought|>
@@ -392,13 +392,11 @@ def chain_pass(params: Params, cfg: QuietStarConfig, base_kv: KeyValues, prefix:
     lets pass k see, merged in one softmax.
     """
     q_pos_BL = prefix.start_BL + k
-    seen_BLS = visible(prefix.start_BL, prefix.key_positions_BS, prefix.key_valid_BS)
-    window = cfg.model.sliding_window
-    if window is not None:
-        seen_BLS &= (q_pos_BL[:, :, None] - prefix.key_positions_BS[:, None, :]) < window
+    seen = span(prefix.start_BL, prefix.key_positions_BS, prefix.key_valid_BS,
+                cfg.model.sliding_window, window_from_BL=q_pos_BL)
     n_slots = buffer.k.shape[3]
     chain_BLC = jnp.broadcast_to(jnp.asarray(chain_reads(n_slots))[k], q_pos_BL.shape + (n_slots,))
-    ctx = Context(Masks(prefix_BLS=seen_BLS, chain_BLC=chain_BLC), prefix=base_kv, chain=buffer)
+    ctx = Context(Masks(prefix_BLS=seen, chain_BLC=chain_BLC), prefix=base_kv, chain=buffer)
     h_BLD, new = hidden(params, cfg, x_BLD, q_pos_BL, ctx)
     slot = lambda buf, x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
         buf, x.astype(buf.dtype), k - 1, 3)

@@ -247,6 +247,12 @@ NAIVE_VARIANTS = {
     # chains' own keys, at most 5 positions back, stay inside it.
     "sigmoid-window-trice3": (False, dict(mixing_sigmoid=True, n_passes=3, policy_loss_beta=1.0,
                                           sliding_window=7)),
+    # Attention over the base keys block by block (`span_attention`, blocks of 4 keys: L = 10 is
+    # not a multiple), in the base pass and every chain pass, under the sliding window; TRICE at
+    # policy weight 1 (at 1e6 the blocks' float32 rounding, ~2e-5 of an entry, is amplified
+    # past 1e-5 of the largest gradient entry in one of the head's 1344).
+    "blockwise-window-trice2": (False, dict(policy_loss_beta=1.0, sliding_window=7,
+                                            attention_block=4)),
 }
 
 
@@ -267,8 +273,9 @@ def test_rollout_loss_and_gradients_match_naive_growing_mask(request, tmp_path, 
     tied, changes = NAIVE_VARIANTS[variant]
     cfg, params, path = request.getfixturevalue("tied_setup" if tied else "setup")
     changes = dict(changes)
-    window = changes.pop("sliding_window", None)
-    cfg = cfg.replace(model=cfg.model.replace(sliding_window=window), **changes)
+    model = dict(sliding_window=changes.pop("sliding_window", None),
+                 attention_block=changes.pop("attention_block", cfg.model.attention_block))
+    cfg = cfg.replace(model=cfg.model.replace(**model), **changes)
     assert cfg.model.tie_embeddings == tied
     tokens, thoughts = batch_tokens(), forced_thoughts(cfg)
     naive = NaiveQuietStar(path, cfg)
