@@ -1,5 +1,5 @@
-"""Training checkpoints (orbax): save asynchronously, keep the last few, resume from the newest
-readable one, save and stop on SIGTERM, and read a saved step's parameters back.
+"""Training checkpoints (orbax): save (asynchronously on accelerators), keep the last few, resume
+from the newest readable one, save and stop on SIGTERM, and read a saved step's parameters back.
 
 A step holds three items: "params", "train" (optimizer state, step, rng) and "data" (the grain
 iterator's position), so a resumed run continues exactly where the saved one was. An unreadable
@@ -103,8 +103,11 @@ class Checkpoints:
             self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _open(self) -> ocp.CheckpointManager:
+        # On CPU the host copy being written shares RAM with the next step's buffers: there the
+        # save finishes before training goes on, so that the copy is not part of the step's peak.
+        asynchronous = jax.default_backend() != "cpu"
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
-                                               enable_async_checkpointing=True)
+                                               enable_async_checkpointing=asynchronous)
         return ocp.CheckpointManager(self.workdir / CHECKPOINT_DIR, options=options)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -121,7 +124,8 @@ class Checkpoints:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: dict, data_iter: grain.DatasetIterator) -> None:
-        """Start saving `state` (returns once it is copied off the devices; writes continue)."""
+        """Start saving `state` (returns once it is copied off the devices and writes continue;
+        on CPU once it is written)."""
         params, train = _split(state)
         self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),

@@ -27,7 +27,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from qstar_jax import cli, heldout, loading, logs, outputs, report, train
+from qstar_jax import cli, heldout, host_memory, loading, logs, outputs, report, train
 
 ARMS = ("quiet_star", "control")
 MIN_SEEDS = 3  # a claim that thinking helps needs at least this many seeds
@@ -84,6 +84,7 @@ def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int) -> Seed
         if arm == "control":  # the same held-out rows, deciles and (random model) tokenizer
             _share(dirs["quiet_star"], dirs["control"])
         records = train.run(configs[arm], dirs[arm])
+        host_memory.release()  # the arm's freed memory, before the next arm's
         last = max((r["step"] for r in records), default=0)
         if last < config.train_steps:
             raise Interrupted(f"the {arm} arm of seed {seed} stopped at step {last} of "

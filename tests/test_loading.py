@@ -1,7 +1,9 @@
 """Loading a trained model from a training workdir. `convert to-hf` on a workdir whose newest step
 is unreadable falls back to the newest readable one and says so; a step asked for that cannot be
-read is a one-line error. Both run as a user runs them, and show no library tracebacks."""
+read is a one-line error. Both run as a user runs them, and show no library tracebacks. The demo
+model's weights are read only when a run asks for them."""
 
+import importlib.util
 import os
 import random
 import subprocess
@@ -17,7 +19,7 @@ import pytest
 from test_checkpoint import corrupt
 from test_generate import WORDS
 
-from qstar_jax import checkpoint, data, loading
+from qstar_jax import checkpoint, data, gguf_checkpoint, hf_checkpoint, loading
 from qstar_jax import config as config_lib
 from qstar_jax import tokenizer as tk
 
@@ -105,3 +107,25 @@ def test_to_hf_of_an_unreadable_step_asked_for_is_a_one_line_error(workdir, tmp_
     assert message.startswith("error: ") and "step 9 is unreadable" in message
     assert "pick another of the saved steps [7]" in message
     assert not out.exists()
+
+
+def test_the_demo_model_reads_its_weights_only_when_loaded(monkeypatch, tmp_path):
+    """load_model gives the demo model's shapes and tokenizer without its weights: a run reads
+    them once, into its state, and keeps no host copy through training."""
+    spec = importlib.util.spec_from_file_location(
+        "demo_config", Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    gguf_checkpoint.demo_dir()  # converted into the test cache, if not already
+    reads = []
+
+    def counted(read):
+        return lambda *args, **kwargs: reads.append(args) or read(*args, **kwargs)
+
+    for module in (hf_checkpoint, gguf_checkpoint):
+        monkeypatch.setattr(module, "from_hf", counted(module.from_hf))
+    model = loading.load_model(demo.get_config(), str(tmp_path))
+    assert reads == [] and model.cfg.model.vocab_size == model.tokenizer.vocab_size == 49154
+    params = model.load()
+    assert len(reads) == 1
+    assert params["decoder"]["embed"]["embedding"].shape == (49154, 576)
