@@ -109,7 +109,19 @@ def executed_products(hlo: str) -> Counter:
                                _dims(line, "rhs_contracting_dims"), _dims(line, "lhs_batch_dims"),
                                _dims(line, "rhs_batch_dims"))] += times
             elif opcode == "conditional":
-                raise ValueError(f"conditional {target}: its branches are not counted")
+                # Which branch runs is decided at run time; count the one of fewest FLOPs. In
+                # the step that is the policy gradient's row branch (`rollout.policy_logprobs`),
+                # the one taken when only the REINFORCE term reaches the thought log-probs.
+                listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+                branches = re.findall(r"%([\w.\-]+)", listed.group(1)) if listed else \
+                    re.findall(r"(?:true|false)_computation=%([\w.\-]+)", line)
+                if not branches:
+                    raise ValueError(f"conditional {target}: no branch computations found")
+                counted = [_walked(branch) for branch in branches]
+                cheapest = min(counted, key=lambda c: sum(
+                    product_flops(p) * n for p, n in c.items()))
+                for product, n in cheapest.items():
+                    counts[product] += n * times
             elif opcode == "while":
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
                 if trips is None:
@@ -118,6 +130,14 @@ def executed_products(hlo: str) -> Counter:
             else:
                 for called in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line):
                     walk(called, times)
+
+    def _walked(name: str) -> Counter:
+        """The products one run of computation `name` executes, counted apart."""
+        nonlocal counts
+        outer, counts = counts, Counter()
+        walk(name, 1)
+        counts, inner = outer, counts
+        return inner
 
     walk(entry, 1)
     return counts

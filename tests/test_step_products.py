@@ -52,3 +52,16 @@ def test_products_counted_through_nested_loops():
     by_shape = {(p.lhs, p.rhs): p for p in bench.executed_products(hlo)}
     # 2 * 8 * 16 * 12: [8, 16] contracted with [12, 16] over the 16.
     assert bench.product_flops(by_shape[((8, 16), (12, 16))]) == 3072
+
+
+def test_a_conditional_counts_its_cheapest_branch():
+    """lax.cond between one [8, 16] x [16, 16] product and three: counted once, not four times
+    (the branch taken is known only at run time; the cheaper one is what the step runs)."""
+    bench = _bench()
+
+    def f(pred, x, w):
+        return jax.lax.cond(pred, lambda x: x @ w, lambda x: x @ w @ w @ w, x)
+
+    hlo = jax.jit(f).lower(True, jnp.ones((8, 16)), jnp.ones((16, 16))).compile().as_text()
+    assert "conditional" in hlo
+    assert sum(bench.executed_products(hlo).values()) == 1
