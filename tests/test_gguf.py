@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from qstar_jax import convert, gguf_checkpoint
+from qstar_jax import convert, gguf_checkpoint, hf_checkpoint
+from qstar_jax import tokenizer as tokenizer_lib
 from qstar_jax.model import Transformer
 
 TEXT = "The quick brown fox jumps over the lazy dog. Quiet thoughts help."
@@ -18,7 +19,9 @@ TEXT = "The quick brown fox jumps over the lazy dog. Quiet thoughts help."
 @pytest.fixture(scope="module")
 def demo():
     """(cfg, params, tokenizer) from the demo cache (converted from the GGUF on first use)."""
-    return gguf_checkpoint.demo_model()
+    path = gguf_checkpoint.demo_dir()
+    cfg, params = hf_checkpoint.from_hf(path)
+    return cfg, params, tokenizer_lib.load(str(path))
 
 
 @pytest.fixture(scope="module")

@@ -122,8 +122,7 @@ def test_the_demo_model_reads_its_weights_only_when_loaded(monkeypatch, tmp_path
     def counted(read):
         return lambda *args, **kwargs: reads.append(args) or read(*args, **kwargs)
 
-    for module in (hf_checkpoint, gguf_checkpoint):
-        monkeypatch.setattr(module, "from_hf", counted(module.from_hf))
+    monkeypatch.setattr(hf_checkpoint, "from_hf", counted(hf_checkpoint.from_hf))
     model = loading.load_model(demo.get_config(), str(tmp_path))
     assert reads == [] and model.cfg.model.vocab_size == model.tokenizer.vocab_size == 49154
     params = model.load()
