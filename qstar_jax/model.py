@@ -239,7 +239,7 @@ class RMSNorm(nn.Module):
 
 def attend(q_BLHE: jax.Array, k_BLKE: jax.Array, v_BLKE: jax.Array, masks: Masks,
            prefix: tuple[jax.Array, jax.Array] | None,
-           chain: tuple[jax.Array, jax.Array] | None, block: int = 512) -> jax.Array:
+           chain: tuple[jax.Array, jax.Array] | None, block: int) -> jax.Array:
     """One softmax over prefix keys [B,S,K,E], chain keys [B,L,C,K,E] and the new keys [B,L,K,E].
 
     Prefix or new keys under a `Span` of more than `block` keys are attended by `span_attention`

@@ -130,7 +130,7 @@ def test_attend_blockwise_self_attention_with_padding():
     q = q.reshape(B, L, K * G, E)
     pos = jnp.broadcast_to(jnp.arange(L), (B, L))
     sp = span(pos, pos, jnp.ones((B, L), bool).at[1, -3:].set(False), window=6)
-    dense = attend(q, k, v, Masks(self_BLL=sp.dense()), None, None)
+    dense = attend(q, k, v, Masks(self_BLL=sp.dense()), None, None, S)
     np.testing.assert_allclose(attend(q, k, v, Masks(self_BLL=sp), None, None, 3), dense,
                                rtol=1e-5, atol=1e-6)
 
