@@ -1,6 +1,7 @@
 """The authors' PyTorch Quiet-STaR training step on `train_step.py`'s `cpu` setup, timed.
 
     python benchmarks/authors_step.py --authors_dir DIR [--steps 4]
+    python benchmarks/train_step.py --against_authors DIR --authors_python PY   # paired
 
 `train_step.py`'s figures are ratios to our own rewrite of the authors' algorithm; this script
 times their code itself on the same machine, so that a speed-up over it is measured, not quoted.
@@ -19,7 +20,8 @@ tokens, float32, random weights) and its batch (2 x 128 random tokens, n_passes 
 n_ahead_talk 4). A step is their forward with labels, `loss.backward()`, clipping to norm 1 and a
 `torch.optim.AdamW` update (their lr 1e-6 and weight decay 0.001), as `train_step.py`'s step.
 Their run-length guard (`kill_after`) is off and their wandb logging goes to a disabled run.
-Prints one JSON object: step times, their median and the process's peak RSS.
+Prints one JSON object: step times, their median and the process's peak RSS. `--serve` is the
+worker of `train_step.py --against_authors`, which steps it in turn with our step.
 """
 
 from __future__ import annotations
@@ -116,6 +118,44 @@ def build_model(directory: Path, n_ahead: int = 12, n_ahead_talk: int = 4, n_pas
     return model.train()
 
 
+class Trainer:
+    """Their model, a fixed batch and AdamW: `step()` takes one training step, timed."""
+
+    def __init__(self, directory: Path):
+        torch.manual_seed(0)
+        self.model = build_model(directory)
+        self.tokens = torch.randint(1, BASE_VOCAB, (2, 128),
+                                    generator=torch.Generator().manual_seed(0))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6, weight_decay=0.001)
+
+    def step(self) -> dict:
+        """Forward with labels, backward, clip to norm 1, AdamW: its time, loss and peak RSS."""
+        start = time.perf_counter()
+        loss = self.model(input_ids=self.tokens, attention_mask=torch.ones_like(self.tokens),
+                          labels=self.tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return {"step_s": time.perf_counter() - start, "loss": float(loss.detach()),
+                "peak_rss_gib": peak_rss_gib()}
+
+
+def peak_rss_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)  # KiB
+
+
+def serve(trainer: Trainer) -> None:
+    """Worker of `train_step.py --against_authors`: one untimed step, its figures as a JSON
+    line, then one step per line read from stdin, its figures printed as a JSON line."""
+    first = trainer.step()
+    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
+                      "threads": torch.get_num_threads(), "first_loss": first["loss"]}),
+          flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(trainer.step()), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,33 +163,26 @@ def main() -> None:
                         help="holds their modeling_mistral.py and configuration_mistral.py")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps {args.steps}: at least one step is needed")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     # Their forward logs to wandb every n_passes calls and then empties its running metrics, which
     # hold tensors of the step: logging stays on, to a run that records nothing.
     wandb.init(mode="disabled")
-    model = build_model(args.authors_dir)
-    tokens = torch.randint(1, BASE_VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.001)
-    times, losses = [], []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        loss = model(input_ids=tokens, attention_mask=torch.ones_like(tokens), labels=tokens).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        times.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
+    trainer = Trainer(args.authors_dir)
+    if args.serve:
+        serve(trainer)
+        return
+    steps = [trainer.step() for _ in range(args.steps)]
+    times = [s["step_s"] for s in steps]
     print(json.dumps({
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in trainer.model.parameters()),
         "step_s": round(statistics.median(times), 3), "step_s_all": [round(t, 3) for t in times],
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
-        "losses": losses,
+        "peak_rss_gib": peak_rss_gib(), "losses": [s["loss"] for s in steps],
     }, indent=2))
 
 

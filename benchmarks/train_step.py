@@ -4,6 +4,7 @@
                                     [--naive cached|rerun] [--skip_naive] [--peak_flops F]
                                     [--no_remat_passes] [--plain]
     python benchmarks/train_step.py --against DIR [--pairs 8]
+    python benchmarks/train_step.py --against_authors DIR [--authors_python PY] [--pairs 8]
     python benchmarks/train_step.py --check
 
 A step is the loss (thoughts sampled), its gradient and the AdamW update of `qstar_jax.optim`,
@@ -14,7 +15,8 @@ time, the median step time, tokens/s (B * L / step time), XLA's memory analysis 
 step, the rise of the process's peak RSS, FLOP counts, MFU where the device's peak is known, and
 the naive step's time and memory over ours. `--against DIR` times our step built from this
 checkout and from the checkout DIR in two processes whose steps alternate, and prints the paired
-ratio. `--check` prints how far both naive forms' losses and gradients are from ours on a tiny
+ratio; `--against_authors DIR` does the same with the authors' own code (`authors_step.py`).
+`--check` prints how far both naive forms' losses and gradients are from ours on a tiny
 model with forced thoughts. See README.md.
 """
 
@@ -249,7 +251,7 @@ def compiled_ours(name: str, remat_passes: bool) -> tuple[Callable, dict, tuple]
 
 def serve(name: str, remat_passes: bool) -> None:
     """Worker of `paired`: compile our step and take one step, print its figures as a JSON line,
-    then take one timed step per line read from stdin and print its time."""
+    then take one timed step per line read from stdin and print its time as a JSON line."""
     compiled, figures, (params, opt_state, batch, rng) = compiled_ours(name, remat_passes)
     params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, rng))
     packages = {str(Path(module.__file__).resolve().parent) for name, module in sys.modules.items()
@@ -260,70 +262,103 @@ def serve(name: str, remat_passes: bool) -> None:
     for _ in sys.stdin:
         start = time.perf_counter()
         params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, rng))
-        print(json.dumps({"step_s": time.perf_counter() - start, "loss": float(loss)}),
-              flush=True)
+        print(json.dumps({"step_s": time.perf_counter() - start, "loss": float(loss),
+                          "peak_rss_gib": round(peak_rss_bytes() / 2 ** 30, 3)}), flush=True)
 
 
-def paired(name: str, against: str, pairs: int, remat_passes: bool = True) -> dict:
-    """Our step built from this checkout and from the checkout `against`, stepped in turn.
+def paired(commands: dict[str, tuple[list[str], dict[str, str]]], pairs: int,
+           check_first: Callable[[str, dict], None] = lambda side, first: None) -> dict:
+    """Two workers (`serve`'s protocol; `commands`: side -> (command, extra environment)),
+    started one after the other, then stepped in turn, `pairs` steps each, the side that goes
+    first swapped every pair. Prints nothing; returns each side's first line, step times and
+    last peak RSS, and the median of the per-pair ratios (second side over first).
 
-    Each side runs in its own process (`serve`, with `against` or this checkout first on
-    PYTHONPATH); the two are compiled one after the other, then take `pairs` steps each,
-    alternating, the side that goes first swapped every pair. Separate runs of the same code on
-    a shared machine differ by tens of percent; steps taken in turn see the same load, and the
-    median of the per-pair ratios narrows with the number of pairs (two copies of one revision:
-    0.92-1.02 over 2-3 pairs).
+    Separate runs of the same code on a shared machine differ by tens of percent; steps taken in
+    turn see the same load, and the median of the per-pair ratios narrows with the number of
+    pairs (two copies of one revision: 0.92-1.02 over 2-3 pairs).
     """
-    roots = {"ours": REPO, "against": Path(against).resolve()}
-    if not (roots["against"] / "qstar_jax" / "__init__.py").is_file():
-        raise SystemExit(f"--against {against}: no qstar_jax package there; give the root of "
-                         "another checkout (e.g. made by `git worktree add DIR REV`)")
     if pairs < 1:
         raise SystemExit(f"--pairs {pairs}: at least one pair is needed")
-    command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--config", name]
-    if not remat_passes:
-        command.append("--no_remat_passes")
     # Both workers hold the device (this process never touches it): neither may reserve most of
     # a GPU's memory up front.
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} | dict(os.environ)
     workers: dict[str, subprocess.Popen] = {}
-    result: dict = {"config": name, "pairs": pairs}
+    result: dict = {"pairs": pairs}
 
     def reply(side: str) -> dict:
         line = workers[side].stdout.readline()
         if not line:
-            raise SystemExit(f"the {side} worker ({roots[side]}) exited with code "
-                             f"{workers[side].wait()}; its error is above")
+            raise SystemExit(f"the {side} worker ({' '.join(commands[side][0])}) exited with "
+                             f"code {workers[side].wait()}; its error is above")
         return json.loads(line)
 
-    times: dict[str, list[float]] = {side: [] for side in roots}
+    sides = list(commands)
+    steps: dict[str, list[dict]] = {side: [] for side in sides}
     try:
-        for side, root in roots.items():
-            workers[side] = subprocess.Popen(command, env=env | {"PYTHONPATH": str(root)},
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                             text=True)
+        for side in sides:
+            command, extra_env = commands[side]
+            workers[side] = subprocess.Popen(command, env=env | extra_env, stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True)
             result[side] = reply(side)
-            # A module missing from DIR is found by the installed package instead, silently.
-            if result[side]["packages"] != [str(root / "qstar_jax")]:
-                raise SystemExit(f"the {side} worker imported qstar_jax from "
-                                 f"{result[side]['packages']}, not only from {root}: is it a "
-                                 "whole checkout?")
+            check_first(side, result[side])
         for i in range(pairs):
-            for side in ("ours", "against") if i % 2 == 0 else ("against", "ours"):
+            for side in sides if i % 2 == 0 else sides[::-1]:
                 workers[side].stdin.write("step\n")
                 workers[side].stdin.flush()
-                times[side].append(reply(side)["step_s"])
+                steps[side].append(reply(side))
     finally:
         for proc in workers.values():
             proc.kill()
             proc.wait()
-    for side, t in times.items():
-        result[side].update(step_s=round(float(np.median(t)), 4),
-                            step_s_all=[round(x, 3) for x in t])
-    ratios = [a / o for a, o in zip(times["against"], times["ours"], strict=True)]
-    result["against_over_ours"] = round(float(np.median(ratios)), 3)
-    result["against_over_ours_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+    for side in sides:
+        times = [s["step_s"] for s in steps[side]]
+        result[side].update(step_s=round(float(np.median(times)), 4),
+                            step_s_all=[round(x, 3) for x in times],
+                            peak_rss_gib=steps[side][-1]["peak_rss_gib"])
+    first, second = sides
+    ratios = [b["step_s"] / a["step_s"] for a, b in zip(steps[first], steps[second], strict=True)]
+    result[f"{second}_over_{first}"] = round(float(np.median(ratios)), 3)
+    result[f"{second}_over_{first}_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
     return result
+
+
+def _serve_command(name: str, remat_passes: bool) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--config", name]
+    return command if remat_passes else command + ["--no_remat_passes"]
+
+
+def against_checkout(name: str, against: str, pairs: int, remat_passes: bool = True) -> dict:
+    """Our step built from this checkout and from the checkout `against`, each in its own
+    process (`serve`, with its checkout first on PYTHONPATH), stepped in turn (`paired`)."""
+    roots = {"ours": REPO, "against": Path(against).resolve()}
+    if not (roots["against"] / "qstar_jax" / "__init__.py").is_file():
+        raise SystemExit(f"--against {against}: no qstar_jax package there; give the root of "
+                         "another checkout (e.g. made by `git worktree add DIR REV`)")
+    command = _serve_command(name, remat_passes)
+
+    def check_first(side: str, first: dict) -> None:
+        # A module missing from DIR is found by the installed package instead, silently.
+        if first["packages"] != [str(roots[side] / "qstar_jax")]:
+            raise SystemExit(f"the {side} worker imported qstar_jax from {first['packages']}, "
+                             f"not only from {roots[side]}: is it a whole checkout?")
+
+    commands = {side: (command, {"PYTHONPATH": str(root)}) for side, root in roots.items()}
+    return {"config": name} | paired(commands, pairs, check_first)
+
+
+def against_authors(authors_dir: str, python: str, pairs: int) -> dict:
+    """Our `cpu` step and the authors' PyTorch step (`authors_step.py --serve`, run by `python`,
+    an environment with their dependencies), stepped in turn (`paired`); the speed-up is the
+    median of the per-pair ratios, the memory ratio that of the two processes' peak RSS."""
+    if not Path(python).is_file():
+        raise SystemExit(f"--authors_python {python}: no such file; set up the authors' "
+                         "environment as benchmarks/authors_step.py's docstring says")
+    authors = [python, str(Path(__file__).resolve().parent / "authors_step.py"), "--serve",
+               "--authors_dir", str(Path(authors_dir).resolve())]
+    result = paired({"ours": (_serve_command("cpu", True), {}), "authors": (authors, {})}, pairs)
+    result["rss_authors_over_ours"] = round(
+        result["authors"]["peak_rss_gib"] / result["ours"]["peak_rss_gib"], 2)
+    return {"config": "cpu"} | result
 
 
 def check() -> dict:
@@ -383,8 +418,13 @@ def main() -> None:
     parser.add_argument("--against", metavar="DIR",
                         help="time our step from this checkout and from the checkout DIR, "
                         "steps alternating in two processes; print the paired ratio")
+    parser.add_argument("--against_authors", metavar="DIR",
+                        help="time our cpu step and the authors' code (their two files in DIR, "
+                        "run by --authors_python), steps alternating; print the paired ratios")
+    parser.add_argument("--authors_python", default="/tmp/authors/bin/python",
+                        help="python of the authors' environment (authors_step.py)")
     parser.add_argument("--pairs", type=int, default=8,
-                        help="steps per side with --against (default 8)")
+                        help="steps per side with --against or --against_authors (default 8)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # --against's
     parser.add_argument("--check", action="store_true",
                         help="compare the naive losses and gradients with ours, then exit")
@@ -396,8 +436,12 @@ def main() -> None:
         serve(args.config, not args.no_remat_passes)
         return
     if args.against:
-        print(json.dumps(paired(args.config, args.against, args.pairs,
-                                not args.no_remat_passes), indent=2))
+        print(json.dumps(against_checkout(args.config, args.against, args.pairs,
+                                          not args.no_remat_passes), indent=2))
+        return
+    if args.against_authors:
+        print(json.dumps(against_authors(args.against_authors, args.authors_python, args.pairs),
+                         indent=2))
         return
     if args.plain:
         SETUPS[args.config] = dataclasses.replace(SETUPS[args.config], n_ahead=1, n_ahead_talk=1,
