@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging as python_logging
+import math
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from qstar_jax import host_memory
 from qstar_jax.errors import CheckpointError, CheckpointNotFoundError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -89,13 +91,21 @@ def _none_readable(directory: epath.Path, failed: list[tuple[int, str]]) -> str:
 
 
 class Checkpoints:
-    """The checkpoints of one workdir, and the SIGTERM watch that saves before stopping."""
+    """The checkpoints of one workdir, and the SIGTERM watch that saves before stopping.
 
-    def __init__(self, workdir: str, keep: int):
+    `largest_array`: the bytes of the largest array a save writes (`largest_array_bytes`), or
+    None. Given, a save on CPU writes the arrays of each item one at a time, up to that size:
+    the host copies being written are what a save adds to the process's memory, and orbax
+    otherwise copies every array before writing them (a second copy of the whole state).
+    """
+
+    def __init__(self, workdir: str, keep: int, largest_array: int | None = None):
         if keep < 1:
             raise ValueError(f"checkpoint_keep={keep} must be >= 1")
         self.workdir = _absolute(workdir)
         self.keep = keep
+        self._synchronous = jax.default_backend() == "cpu"
+        self._largest_array = largest_array
         self._manager = self._open()
         self._stop_requested = False
         self._old_handler = None
@@ -105,10 +115,18 @@ class Checkpoints:
     def _open(self) -> ocp.CheckpointManager:
         # On CPU the host copy being written shares RAM with the next step's buffers: there the
         # save finishes before training goes on, so that the copy is not part of the step's peak.
-        asynchronous = jax.default_backend() != "cpu"
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
-                                               enable_async_checkpointing=asynchronous)
-        return ocp.CheckpointManager(self.workdir / CHECKPOINT_DIR, options=options)
+                                               enable_async_checkpointing=not self._synchronous)
+        handlers = None
+        if self._synchronous and self._largest_array is not None:
+            # orbax's bound on the bytes being written, in GB (10^9 bytes); an array is written
+            # only when it is below the bound, so the bound is one byte more than the largest.
+            bounded = lambda: ocp.StandardCheckpointHandler(  # noqa: E731
+                save_concurrent_gb=(self._largest_array + 1) / 1e9)
+            handlers = {"params": bounded(), "train": bounded(),
+                        "data": grain.checkpoint.CheckpointHandler()}
+        return ocp.CheckpointManager(self.workdir / CHECKPOINT_DIR, options=options,
+                                     item_handlers=handlers)
 
     def _on_sigterm(self, signum, frame) -> None:
         logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
@@ -130,6 +148,8 @@ class Checkpoints:
         self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
             data=grain.checkpoint.CheckpointSave(data_iter)))
+        if self._synchronous:  # written: hand back the heap pages its buffers left
+            host_memory.release()
 
     def restore(self, abstract_state: dict, data_iter: grain.DatasetIterator) -> dict | None:
         """The newest readable state (data_iter moved to its position), or None if none saved."""
@@ -174,6 +194,11 @@ class Checkpoints:
         if self._old_handler is not None:
             signal.signal(signal.SIGTERM, self._old_handler)
             self._old_handler = None
+
+
+def largest_array_bytes(abstract_state: Any) -> int:
+    """The bytes of the largest array (leaf with a shape and dtype) of `abstract_state`."""
+    return max(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

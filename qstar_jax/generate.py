@@ -131,7 +131,8 @@ def think(params: Params, cfg: QuietStarConfig, state: DecodeState, rng: jax.Arr
     buffer = KeyValues(jnp.zeros(shape, state.kv.k.dtype), jnp.zeros(shape, state.kv.v.dtype))
 
     def one_pass(buffer: KeyValues, x_B1D: jax.Array, k) -> tuple[jax.Array, KeyValues]:
-        return chain_pass(params, cfg, state.kv, prefix, buffer, x_B1D, k)
+        h_B1D, buffer, _ = chain_pass(params, cfg, state.kv, prefix, buffer, x_B1D, k)
+        return h_B1D, buffer
 
     def think_step(carry, xs):
         buffer, x_B1D = carry

@@ -584,6 +584,92 @@ class Transformer(nn.Module):
         return out.astype(jnp.float32)
 
 
+# ----------------------------------------------------------------------------- threaded layers
+
+
+def hidden_states(cfg: ModelConfig, params: Params, x_BLD: jax.Array, positions_BL: jax.Array,
+                  ctx: Context) -> tuple[jax.Array, KeyValues, Params]:
+    """`Transformer.hidden` of the decoder `params`, and `params` passed through unchanged.
+
+    With scanned layers rematerialised as "nothing_saveable" (`threads_layer_gradients`), the
+    backward pass adds each layer's parameter gradient into the cotangent of the returned params,
+    in place: calls that take their params from the call before them then sum all their layer
+    gradients in one buffer, where calls on the same params would each fill a gradient of all
+    the layers, all summed at the end. The gradients are the same either way.
+    """
+    if not threads_layer_gradients(cfg):
+        h_BLD, kv = Transformer(cfg).apply({"params": params}, x_BLD, positions_BL, ctx,
+                                           method="hidden")
+        return h_BLD, kv, params
+    masks = _dense_if_small(ctx.masks, cfg.attention_block)
+    pair = lambda kv: None if kv is None else (kv.k, kv.v)  # noqa: E731
+    x_BLD, k, v, layers = _layer_stack(cfg, params["layers"], x_BLD, positions_BL, masks,
+                                       pair(ctx.prefix), pair(ctx.chain))
+    h_BLD = Transformer(cfg).apply({"params": params}, x_BLD,
+                                   method=lambda module, x: module.final_norm(x))
+    return h_BLD, KeyValues(k, v), {**params, "layers": layers}
+
+
+def threads_layer_gradients(cfg: ModelConfig) -> bool:
+    """Whether `hidden_states` sums the layer gradients into its returned params' cotangent."""
+    return cfg.scan_layers and cfg.remat_policy == "nothing_saveable"
+
+
+def _block(cfg: ModelConfig, layer: Params, x_BLD: jax.Array, prefix, chain,
+           positions_BL: jax.Array, masks: Masks) -> tuple[jax.Array, tuple]:
+    return Block(cfg).apply({"params": layer}, x_BLD, (prefix, chain), positions_BL, masks)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer_stack(cfg: ModelConfig, layers: Params, x_BLD: jax.Array, positions_BL: jax.Array,
+                 masks: Masks, prefix, chain) -> tuple[jax.Array, jax.Array, jax.Array, Params]:
+    """The scanned layers: (output [B, L, D], new keys and values [N, ...], `layers`)."""
+    x_BLD, (k, v), _ = _stack_forward(cfg, layers, x_BLD, positions_BL, masks, prefix, chain)
+    return x_BLD, k, v, layers
+
+
+def _stack_forward(cfg, layers, x_BLD, positions_BL, masks, prefix, chain):
+    def body(x_BLD, xs):
+        layer, prefix_i, chain_i = xs
+        y_BLD, kv = _block(cfg, layer, x_BLD, prefix_i, chain_i, positions_BL, masks)
+        return y_BLD, (kv, x_BLD)
+
+    x_BLD, (kv, inputs_NBLD) = jax.lax.scan(body, x_BLD, (layers, prefix, chain))
+    return x_BLD, kv, inputs_NBLD
+
+
+def _stack_fwd(cfg, layers, x_BLD, positions_BL, masks, prefix, chain):
+    x_BLD, (k, v), inputs_NBLD = _stack_forward(cfg, layers, x_BLD, positions_BL, masks, prefix,
+                                                chain)
+    # Only the layers' inputs are kept: each layer is recomputed in the backward pass, as
+    # "nothing_saveable" rematerialisation does.
+    return (x_BLD, k, v, layers), (layers, inputs_NBLD, positions_BL, masks, prefix, chain)
+
+
+def _stack_bwd(cfg, saved, cotangents):
+    layers, inputs_NBLD, positions_BL, masks, prefix, chain = saved
+    ct_x_BLD, ct_k, ct_v, ct_layers = cotangents
+
+    def body(carry, xs):
+        ct_x_BLD, total = carry
+        i, layer, x_BLD, prefix_i, chain_i, ct_k_i, ct_v_i = xs
+        _, vjp = jax.vjp(lambda p, x, a, b: _block(cfg, p, x, a, b, positions_BL, masks),
+                         layer, x_BLD, prefix_i, chain_i)
+        d_layer, ct_x_BLD, d_prefix_i, d_chain_i = vjp((ct_x_BLD, (ct_k_i, ct_v_i)))
+        # Layer i's gradient added to row i of the running total, in place.
+        total = jax.tree.map(lambda t, d: jax.lax.dynamic_update_index_in_dim(
+            t, jax.lax.dynamic_index_in_dim(t, i, keepdims=False) + d, i, 0), total, d_layer)
+        return (ct_x_BLD, total), (d_prefix_i, d_chain_i)
+
+    (ct_x_BLD, total), (d_prefix, d_chain) = jax.lax.scan(
+        body, (ct_x_BLD, ct_layers),
+        (jnp.arange(cfg.n_layers), layers, inputs_NBLD, prefix, chain, ct_k, ct_v), reverse=True)
+    return total, ct_x_BLD, None, None, d_prefix, d_chain
+
+
+_layer_stack.defvjp(_stack_fwd, _stack_bwd)
+
+
 # ----------------------------------------------------------------------------- parameters
 
 

@@ -33,7 +33,7 @@ from qstar_jax.thoughts import (
     entropy,
     head_logits,
     head_rows,
-    hidden,
+    hidden_passing,
     lm_logits,
     mix,
     speakable_head,
@@ -140,19 +140,20 @@ class TalkInputs:
     h_base_RLD: jax.Array  # [T, R, L, D] the base state at j + t, mixed with the chain state
 
 
-# A pass step, scanned over the passes of one kind: step(params, base_kv, buffer, carry, inputs,
-# replay) -> (buffer, carry, outputs). `inputs` is the pass's entry of ThinkInputs/TalkInputs;
-# `replay` is None, or in the rematerialised backward pass the outputs of the forward pass, whose
-# drawn tokens are used again.
-PassStep = Callable[..., tuple[KeyValues, Any, Any]]
+# A pass step, run over the passes of one kind: step(params, base_kv, buffer, carry, inputs,
+# replay) -> (params, buffer, carry, outputs). `inputs` is the pass's entry of
+# ThinkInputs/TalkInputs; `replay` is None, or in the rematerialised backward pass the outputs of
+# the forward pass, whose drawn tokens are used again. The params returned are `params` passed
+# through (`chain_pass`), for the next pass.
+PassStep = Callable[..., tuple[Params, KeyValues, Any, Any]]
 
 
 def _think_step(cfg: QuietStarConfig, prefix: ChainPrefix, think_head_VD: jax.Array,
                 params: Params, base_kv: KeyValues, buffer: KeyValues, x_RLD: jax.Array,
                 inputs: ThinkInputs, replay: ThinkOutputs | None
-                ) -> tuple[KeyValues, jax.Array, ThinkOutputs]:
+                ) -> tuple[Params, KeyValues, jax.Array, ThinkOutputs]:
     """Passes 1..S: feed a token (the carry), draw the next thought token from the chain head."""
-    h_RLD, buffer = chain_pass(params, cfg, base_kv, prefix, buffer, x_RLD, inputs.k)
+    h_RLD, buffer, params = chain_pass(params, cfg, base_kv, prefix, buffer, x_RLD, inputs.k)
     logits = head_logits(think_head_VD, cfg, jax.lax.stop_gradient(h_RLD))
     if replay is not None:  # the backward pass: the token drawn in the forward pass
         choice_RL = replay.choice_RL
@@ -163,20 +164,20 @@ def _think_step(cfg: QuietStarConfig, prefix: ChainPrefix, think_head_VD: jax.Ar
     choice_RL = jax.lax.stop_gradient(choice_RL)
     logprob_RL = token_logprob(logits, choice_RL, cfg.reinforce_temperature)
     x_next = embed_tokens(params, cfg, speakable_token(choice_RL, cfg))
-    return buffer, x_next, ThinkOutputs(choice_RL, logprob_RL, h_RLD,
-                                        entropy(logits, cfg.thought_temperature))
+    return params, buffer, x_next, ThinkOutputs(choice_RL, logprob_RL, h_RLD,
+                                                entropy(logits, cfg.thought_temperature))
 
 
 def _talk_step(cfg: QuietStarConfig, prefix: ChainPrefix, params: Params, base_kv: KeyValues,
                buffer: KeyValues, carry: tuple, inputs: TalkInputs, replay: Any
-               ) -> tuple[KeyValues, tuple, tuple[jax.Array, jax.Array]]:
+               ) -> tuple[Params, KeyValues, tuple, tuple[jax.Array, jax.Array]]:
     """Talk passes: the chain state mixed with the base state, and the mixing weight.
 
-    The head is applied after the scan (`_talk_head`): its logits are then kept for the backward
+    The head is applied after the passes (`_talk_head`): its logits are then kept for the backward
     pass instead of recomputed with the pass.
     """
-    h_RLD, buffer = chain_pass(params, cfg, base_kv, prefix, buffer, inputs.x_RLD, inputs.k)
-    return buffer, carry, mix(params, cfg, inputs.h_base_RLD, h_RLD)
+    h_RLD, buffer, params = chain_pass(params, cfg, base_kv, prefix, buffer, inputs.x_RLD, inputs.k)
+    return params, buffer, carry, mix(params, cfg, inputs.h_base_RLD, h_RLD)
 
 
 def _talk_head(params: Params, cfg: QuietStarConfig,
@@ -209,7 +210,10 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     b, length = tokens_BL.shape
     check_batch(cfg, length)
     positions_BL = jnp.broadcast_to(jnp.arange(length), (b, length))
-    h_base_BLD, base_kv, base_logits = _base_pass(params, cfg, tokens_BL, positions_BL, mask_BL)
+    # Each phase takes the params the one before it passed through (`chain_pass`), so that the
+    # backward pass sums the layer gradients of all of them in one buffer.
+    h_base_BLD, base_kv, base_logits, params = _base_pass(params, cfg, tokens_BL, positions_BL,
+                                                          mask_BL)
     if not cfg.thinks:
         no_thoughts = jnp.zeros((b, cfg.n_passes, length, 0))
         no_talk = jnp.zeros((b, cfg.n_passes, 0, length))
@@ -225,7 +229,8 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     kv_shape = base_kv_R.k.shape[:3] + (cfg.n_chain_passes,) + base_kv_R.k.shape[3:]
     buffer = KeyValues(jnp.zeros(kv_shape, base_kv.k.dtype), jnp.zeros(kv_shape, base_kv.v.dtype))
 
-    buffer, think = _think_passes(params, cfg, prefix, base_kv_R, buffer, rng, forced_SRL)
+    buffer, think, params = _think_passes(params, cfg, prefix, base_kv_R, buffer, rng,
+                                          forced_SRL)
     talk_logits_TRLV, talk_logprobs_TRL, w_TRL = _talk_passes(
         params, cfg, prefix, base_kv_R, buffer, _every_rationale(tokens_BL, p),
         _every_rationale(h_base_BLD, p))
@@ -244,11 +249,13 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
 
 def _base_pass(params: Params, cfg: QuietStarConfig, tokens_BL: jax.Array,
                positions_BL: jax.Array, mask_BL: jax.Array
-               ) -> tuple[jax.Array, KeyValues, jax.Array]:
-    """The causal pass over the sequence: hidden states [B, L, D], keys/values, logits [B, L, V]."""
+               ) -> tuple[jax.Array, KeyValues, jax.Array, Params]:
+    """The causal pass over the sequence: hidden states [B, L, D], keys/values, logits
+    [B, L, V], and `params` passed through (`hidden_passing`)."""
     ctx = causal_context(positions_BL, mask_BL, cfg.model.sliding_window)
-    h_BLD, kv = hidden(params, cfg, embed_tokens(params, cfg, tokens_BL), positions_BL, ctx)
-    return h_BLD, kv, lm_logits(params, cfg, h_BLD)
+    h_BLD, kv, params = hidden_passing(params, cfg, embed_tokens(params, cfg, tokens_BL),
+                                       positions_BL, ctx)
+    return h_BLD, kv, lm_logits(params, cfg, h_BLD), params
 
 
 def _forced_rows(thought_tokens_BPLS: jax.Array, cfg: QuietStarConfig) -> jax.Array:
@@ -268,13 +275,13 @@ def _forced_rows(thought_tokens_BPLS: jax.Array, cfg: QuietStarConfig) -> jax.Ar
 
 def _think_passes(params: Params, cfg: QuietStarConfig, prefix: ChainPrefix,
                   base_kv_R: KeyValues, buffer: KeyValues, rng: jax.Array,
-                  forced_SRL: jax.Array | None) -> tuple[KeyValues, ThinkOutputs]:
+                  forced_SRL: jax.Array | None) -> tuple[KeyValues, ThinkOutputs, Params]:
     """Passes 1 .. n_ahead - 2: the start token, then the thought tokens drawn (or forced).
 
-    Returns the buffer holding the keys of all of them and the S drawing passes' outputs
-    [S, R, L, ...]. Thought logits leave out the thought tokens' head rows; drawn tokens are
-    indices into `speakable_ids`. No gradient flows through drawing: `policy_logprobs` gives the
-    log-probs theirs after the scan.
+    Returns the buffer holding the keys of all of them, the S drawing passes' outputs
+    [S, R, L, ...], and `params` passed through. Thought logits leave out the thought tokens'
+    head rows; drawn tokens are indices into `speakable_ids`. No gradient flows through drawing:
+    `policy_logprobs` gives the log-probs theirs after the passes.
     """
     s = cfg.n_sampled
     speakable_VD = speakable_head(head_rows(params, cfg), cfg)
@@ -282,13 +289,14 @@ def _think_passes(params: Params, cfg: QuietStarConfig, prefix: ChainPrefix,
     start_D, _ = start_end_embeddings(params, cfg)
     x_RLD = jnp.broadcast_to(start_D, prefix.start_BL.shape + start_D.shape)
     inputs = ThinkInputs(jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SRL)
-    buffer, x_RLD, out = _pass_scan(cfg)(step, params, base_kv_R, buffer, x_RLD, inputs)
+    params, buffer, x_RLD, out = _pass_scan(cfg)(step, params, base_kv_R, buffer, x_RLD, inputs)
     out = out.replace(logprob_RL=policy_logprobs(speakable_VD, out.h_RLD, out.choice_RL,
                                                  out.logprob_RL, cfg))
     # Pass n_ahead - 2 feeds the last drawn token; only its keys are needed.
     last = jax.checkpoint(chain_pass, static_argnums=(1,)) if cfg.remat_passes else chain_pass
-    _, buffer = last(params, cfg, base_kv_R, prefix, buffer, x_RLD, jnp.int32(cfg.n_ahead - 2))
-    return buffer, out
+    _, buffer, params = last(params, cfg, base_kv_R, prefix, buffer, x_RLD,
+                             jnp.int32(cfg.n_ahead - 2))
+    return buffer, out, params
 
 
 def _talk_passes(params: Params, cfg: QuietStarConfig, prefix: ChainPrefix,
@@ -308,7 +316,8 @@ def _talk_passes(params: Params, cfg: QuietStarConfig, prefix: ChainPrefix,
         h_base_RLD=jnp.stack([shifted(h_base_RLD, t) for t in range(t_talk)]))
     targets_TRL = jnp.stack([shifted(tokens_RL, t + 1) for t in range(t_talk)])
     step = functools.partial(_talk_step, cfg, prefix)
-    _, _, (h_mix_TRLD, w_TRL) = _pass_scan(cfg)(step, params, base_kv_R, buffer, (), inputs)
+    params, _, _, (h_mix_TRLD, w_TRL) = _pass_scan(cfg)(step, params, base_kv_R, buffer, (),
+                                                        inputs)
     logits_TRLV, logprobs_TRL = jax.lax.map(functools.partial(_talk_head, params, cfg),
                                             (h_mix_TRLD, targets_TRL))
     return logits_TRLV, logprobs_TRL, w_TRL
@@ -380,8 +389,22 @@ def policy_logprobs(head_VD: jax.Array, h_SRLD: jax.Array, choices_SRL: jax.Arra
 
 
 def _pass_scan(cfg: QuietStarConfig) -> Callable:
-    """The scan over passes: rematerialised against the final buffer, or plain."""
-    return _scan_against_final_buffer if cfg.remat_passes else _scan
+    """The loop over passes: a scan rematerialised against the final buffer, or unrolled."""
+    return _scan_against_final_buffer if cfg.remat_passes else _unrolled
+
+
+def _unrolled(step: PassStep, params: Params, base_kv: KeyValues, buffer: KeyValues, carry: Any,
+              inputs: Any) -> tuple[Params, KeyValues, Any, Any]:
+    """`step` over the passes (the leading axis of `inputs`), one after the other in the program:
+    (params passed through, final buffer, final carry, stacked outputs). Each pass takes the
+    params the pass before it passed through, which a scan cannot do without keeping a copy of
+    them per pass for the backward pass (a carry is never hoisted out of the loop)."""
+    ys = []
+    for x in range(jax.tree.leaves(inputs)[0].shape[0]):
+        params, buffer, carry, y = step(params, base_kv, buffer, carry,
+                                        jax.tree.map(lambda a, x=x: a[x], inputs), None)
+        ys.append(y)
+    return params, buffer, carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
 
 def _scan(step: PassStep, params: Params, base_kv: KeyValues, buffer: KeyValues, carry: Any,
@@ -391,7 +414,7 @@ def _scan(step: PassStep, params: Params, base_kv: KeyValues, buffer: KeyValues,
 
     def body(state, inputs):
         buffer, carry = state
-        buffer, next_carry, y = step(params, base_kv, buffer, carry, inputs, None)
+        _, buffer, next_carry, y = step(params, base_kv, buffer, carry, inputs, None)
         return (buffer, next_carry), ((carry, y) if keep_carries else y)
 
     (buffer, carry), ys = jax.lax.scan(body, (buffer, carry), inputs)
@@ -415,29 +438,32 @@ def check_reads_before_writes(reads_KC: np.ndarray) -> None:
 
 def _scan_against_final_buffer(step: PassStep, params: Params, base_kv: KeyValues,
                                buffer: KeyValues, carry: Any, inputs: Any
-                               ) -> tuple[KeyValues, Any, Any]:
-    """`_scan` whose backward pass recomputes each pass against the final chain buffer.
+                               ) -> tuple[Params, KeyValues, Any, Any]:
+    """`_scan` whose backward pass recomputes each pass against the final chain buffer, with
+    `params` passed through first (as `_unrolled`).
 
     Pass k reads only buffer slots < k - 1 (`chain_reads`, checked here), and the final buffer
     holds exactly those values, so the backward pass needs one buffer, not one per pass: saved
     memory grows linearly with the number of passes. Each pass is recomputed in the backward
     pass (rematerialised) with the tokens it drew (`replay`), which are not drawn again. Only
-    the float leaves of `inputs` are differentiated.
+    the float leaves of `inputs` are differentiated. The parameter gradient is summed in the
+    cotangent of the params passed through, which each pass's backward adds to
+    (`chain_pass`).
     """
     check_reads_before_writes(chain_reads(buffer.k.shape[3]))
 
     @jax.custom_vjp
     def run(params, base_kv, buffer, carry, inputs):
-        return _scan(step, params, base_kv, buffer, carry, inputs)
+        return params, *_scan(step, params, base_kv, buffer, carry, inputs)
 
     def forward(params, base_kv, buffer, carry, inputs):
         buffer, carry_out, (carries, ys) = _scan(step, params, base_kv, buffer, carry, inputs,
                                                  keep_carries=True)
-        return (buffer, carry_out, ys), (params, base_kv, buffer, carries, inputs, ys)
+        return (params, buffer, carry_out, ys), (params, base_kv, buffer, carries, inputs, ys)
 
     def backward(saved, cotangents):
         params, base_kv, final_buffer, carries, inputs, ys = saved
-        ct_buffer, ct_carry, ct_ys = cotangents
+        ct_params, ct_buffer, ct_carry, ct_ys = cotangents
         # Integer outputs (drawn tokens) have float0 cotangents, which cannot be scanned over.
         ct_ys = jax.tree.map(lambda y, ct: ct if _is_float(y) else jnp.zeros(y.shape[:1]),
                              ys, ct_ys)
@@ -450,14 +476,14 @@ def _scan_against_final_buffer(step: PassStep, params: Params, base_kv: KeyValue
             x_float, join = _float_leaves(x)
             _, vjp = jax.vjp(lambda p, kv, buf, c, xf: step(p, kv, buf, c, join(xf), y),
                              params, base_kv, final_buffer, carry, x_float)
-            d_params, d_base_kv, ct_buffer, ct_carry, d_x = vjp((ct_buffer, ct_carry, ct_y))
-            add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
-            return (add(ct_params, d_params), add(ct_base_kv, d_base_kv), ct_buffer,
+            # The pass's parameter gradient comes added to ct_params (its params passed through).
+            ct_params, d_base_kv, ct_buffer, ct_carry, d_x = vjp(
+                (ct_params, ct_buffer, ct_carry, ct_y))
+            return (ct_params, jax.tree.map(jnp.add, ct_base_kv, d_base_kv), ct_buffer,
                     ct_carry), d_x
 
-        zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
         (d_params, d_base_kv, d_buffer, d_carry), d_floats = jax.lax.scan(
-            body, (zeros(params), zeros(base_kv), ct_buffer, ct_carry),
+            body, (ct_params, jax.tree.map(jnp.zeros_like, base_kv), ct_buffer, ct_carry),
             (carries, inputs, ys, ct_ys), reverse=True)
         _, join = _float_leaves(inputs)  # no cotangent for the integer inputs
         return d_params, d_base_kv, d_buffer, d_carry, join(d_floats, others=False)

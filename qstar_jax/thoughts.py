@@ -24,6 +24,7 @@ from qstar_jax.model import (
     ModelConfig,
     Params,
     Transformer,
+    hidden_states,
     span,
 )
 
@@ -167,6 +168,15 @@ def hidden(params: Params, cfg: QuietStarConfig, x_BLD: jax.Array, positions_BL:
     """Decoder hidden states [B, L, D] (final norm applied) and new keys/values."""
     return decoder(cfg).apply({"params": params["decoder"]}, x_BLD, positions_BL, ctx,
                               method="hidden")
+
+
+def hidden_passing(params: Params, cfg: QuietStarConfig, x_BLD: jax.Array,
+                   positions_BL: jax.Array, ctx: Context) -> tuple[jax.Array, KeyValues, Params]:
+    """`hidden`, and `params` passed through: a later pass that uses the returned params has its
+    layer gradients summed with this one's in one buffer (`model.hidden_states`)."""
+    h_BLD, kv, decoder_params = hidden_states(cfg.model, params["decoder"], x_BLD, positions_BL,
+                                              ctx)
+    return h_BLD, kv, {**params, "decoder": decoder_params}
 
 
 def head_rows(params: Params, cfg: QuietStarConfig) -> jax.Array:
@@ -383,9 +393,10 @@ def chain_reads(n_slots: int) -> np.ndarray:
 
 def chain_pass(params: Params, cfg: QuietStarConfig, base_kv: KeyValues, prefix: ChainPrefix,
                buffer: KeyValues, x_BLD: jax.Array, k: int | jax.Array
-               ) -> tuple[jax.Array, KeyValues]:
-    """Pass k >= 1 of every chain: hidden states [B, L, D], and the chain buffer with the new
-    keys/values in slot k - 1.
+               ) -> tuple[jax.Array, KeyValues, Params]:
+    """Pass k >= 1 of every chain: hidden states [B, L, D], the chain buffer with the new
+    keys/values in slot k - 1, and `params` passed through for the next pass
+    (`hidden_passing`).
 
     Each chain's token attends to the base keys/values `base_kv` [N, B, S, K, E] it sees
     (`prefix`) and to its own chain's keys in `buffer` [N, B, L, C, K, E] that `chain_reads`
@@ -397,7 +408,7 @@ def chain_pass(params: Params, cfg: QuietStarConfig, base_kv: KeyValues, prefix:
     n_slots = buffer.k.shape[3]
     chain_BLC = jnp.broadcast_to(jnp.asarray(chain_reads(n_slots))[k], q_pos_BL.shape + (n_slots,))
     ctx = Context(Masks(prefix_BLS=seen, chain_BLC=chain_BLC), prefix=base_kv, chain=buffer)
-    h_BLD, new = hidden(params, cfg, x_BLD, q_pos_BL, ctx)
+    h_BLD, new, params = hidden_passing(params, cfg, x_BLD, q_pos_BL, ctx)
     slot = lambda buf, x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
         buf, x.astype(buf.dtype), k - 1, 3)
-    return h_BLD, KeyValues(slot(buffer.k, new.k), slot(buffer.v, new.v))
+    return h_BLD, KeyValues(slot(buffer.k, new.k), slot(buffer.v, new.v)), params

@@ -169,7 +169,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         if jax.process_index() == 0:
             heldout.write_rows(workdir, rows)
     heldout_rows = heldout.host_rows(rows, jax.process_index(), jax.process_count())
-    ckpts = checkpoint.Checkpoints(workdir, config.checkpoint_keep)
+    ckpts = checkpoint.Checkpoints(workdir, config.checkpoint_keep,
+                                   checkpoint.largest_array_bytes(trainer.abstract_state))
     try:
         return _loop(config, workdir, trainer, ckpts, data_iter, heldout_rows)
     finally:

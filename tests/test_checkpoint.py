@@ -162,3 +162,27 @@ def test_on_cpu_a_save_is_written_when_it_returns(tmp_path):
         assert checkpoint.saved_step(str(tmp_path)) == 3
     finally:
         ckpts.close()
+
+
+def test_saves_bounded_to_the_largest_array_read_back_as_unbounded_ones(tmp_path):
+    """On CPU, with `largest_array` given, a save writes its arrays one at a time: the same
+    checkpoint, restored either way, with the data position."""
+    state = make_state(5)
+    largest = checkpoint.largest_array_bytes(state)
+    assert largest == 6 * 4  # params w, float32 [2, 3]
+    for writer, reader in [(largest, None), (None, largest)]:
+        workdir = tmp_path / f"{writer}_{reader}"
+        ckpts = checkpoint.Checkpoints(str(workdir), 2, largest_array=writer)
+        it = make_iterator()
+        next(it)
+        ckpts.save(5, state, it)
+        following = next(it)
+        ckpts.close()
+        ckpts = checkpoint.Checkpoints(str(workdir), 2, largest_array=reader)
+        it = make_iterator()
+        restored = ckpts.restore(abstract(state), it)
+        ckpts.close()
+        assert_state_equal(restored, state)
+        np.testing.assert_array_equal(next(it), following)
+        _, params = checkpoint.restore_params(str(workdir), None, abstract(state)["params"])
+        assert_state_equal(params, state["params"])
