@@ -556,19 +556,14 @@ class Transformer(nn.Module):
                ctx: Context) -> tuple[jax.Array, KeyValues]:
         """Final-normed hidden states [B, L, D] and the new keys/values [N, B, L, K, E]."""
 
-        def layer_slices(kv: KeyValues | None, i=None):
-            if kv is None:
-                return None
-            return (kv.k, kv.v) if i is None else (kv.k[i], kv.v[i])
-
         masks = _dense_if_small(ctx.masks, self.cfg.attention_block)
         if self.cfg.scan_layers:
-            layer_kv = (layer_slices(ctx.prefix), layer_slices(ctx.chain))
+            layer_kv = (_layer_kv(ctx.prefix), _layer_kv(ctx.chain))
             x_BLD, (k, v) = self.layers(x_BLD, layer_kv, positions_BL, masks)
         else:
             ks, vs = [], []
             for i, layer in enumerate(self.layers):
-                layer_kv = (layer_slices(ctx.prefix, i), layer_slices(ctx.chain, i))
+                layer_kv = (_layer_kv(ctx.prefix, i), _layer_kv(ctx.chain, i))
                 x_BLD, (k, v) = layer(x_BLD, layer_kv, positions_BL, masks)
                 ks.append(k)
                 vs.append(v)
@@ -582,6 +577,14 @@ class Transformer(nn.Module):
         else:
             out = self.lm_head(h_BLD)
         return out.astype(jnp.float32)
+
+
+def _layer_kv(kv: KeyValues | None, i: int | None = None) -> tuple[jax.Array, jax.Array] | None:
+    """Keys and values of every layer as the layer scan reads them ([N, ...] each), or of layer
+    `i`; None without any."""
+    if kv is None:
+        return None
+    return (kv.k, kv.v) if i is None else (kv.k[i], kv.v[i])
 
 
 # ----------------------------------------------------------------------------- threaded layers
@@ -602,9 +605,8 @@ def hidden_states(cfg: ModelConfig, params: Params, x_BLD: jax.Array, positions_
                                            method="hidden")
         return h_BLD, kv, params
     masks = _dense_if_small(ctx.masks, cfg.attention_block)
-    pair = lambda kv: None if kv is None else (kv.k, kv.v)  # noqa: E731
     x_BLD, k, v, layers = _layer_stack(cfg, params["layers"], x_BLD, positions_BL, masks,
-                                       pair(ctx.prefix), pair(ctx.chain))
+                                       _layer_kv(ctx.prefix), _layer_kv(ctx.chain))
     h_BLD = Transformer(cfg).apply({"params": params}, x_BLD,
                                    method=lambda module, x: module.final_norm(x))
     return h_BLD, KeyValues(k, v), {**params, "layers": layers}
