@@ -353,6 +353,11 @@ def against_authors(authors_dir: str, python: str, pairs: int) -> dict:
     if not Path(python).is_file():
         raise SystemExit(f"--authors_python {python}: no such file; set up the authors' "
                          "environment as benchmarks/authors_step.py's docstring says")
+    missing = [name for name in ("modeling_mistral.py", "configuration_mistral.py")
+               if not (Path(authors_dir) / name).is_file()]
+    if missing:
+        raise SystemExit(f"--against_authors {authors_dir}: {', '.join(missing)} missing; give "
+                         "the directory of their two files (ezelikman/quiet-star)")
     authors = [python, str(Path(__file__).resolve().parent / "authors_step.py"), "--serve",
                "--authors_dir", str(Path(authors_dir).resolve())]
     result = paired({"ours": (_serve_command("cpu", True), {}), "authors": (authors, {})}, pairs)
