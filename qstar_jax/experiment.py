@@ -2,17 +2,21 @@
 
     python -m qstar_jax.experiment --config=configs/experiment.py --workdir=runs/exp --seeds=0,1,2
 
-For each seed, two arms train for the config's steps from the same starting weights, data order
-and optimizer settings: `quiet_star` (the config as it is) and `control` (the same with n_ahead 1
-and n_ahead_talk 1: plain language-model training, no thoughts). Both score the same held-out
-tokens, and the difficulty deciles come from the starting model's loss on them.
+For each seed, three arms train for the config's steps from the same starting weights, data order
+and optimizer settings: `quiet_star` (the config as it is), `control` (the same with n_ahead 1
+and n_ahead_talk 1: plain language-model training, no thoughts) and `filler` (thoughts of the
+same length whose tokens are all pad_id: the extra computation without any content). All score
+the same held-out tokens, and the difficulty deciles come from the starting model's loss on them.
 
 Thinking helps when the Quiet-STaR model with thinking has a lower held-out loss than the control
 of the same seed, in every seed, over at least three seeds, by a mean more than twice its
-standard error; judged overall and on the hardest decile. Writes `WORKDIR/seed_<s>/<arm>/` (each
-a training workdir: rerun the same command to resume), `WORKDIR/summary.json` and
-`WORKDIR/report.html`; prints the summary as one JSON line, then the decile table, the verdict
-and the report's path.
+standard error; judged overall and on the hardest decile (and against the filler arm: whether
+the thoughts' content helps). A config with a `base_model` section (configs/known_answer.py)
+first trains the model every arm starts from (`base_model.py`); on the known-answer task the
+experiment also runs the predictor check (`predictor_check.py`) and judges the answer tokens
+apart (`answer_tokens` in the summary). Writes `WORKDIR/seed_<s>/<arm>/` (each a training
+workdir: rerun the same command to resume), `WORKDIR/summary.json` and `WORKDIR/report.html`;
+prints the summary as one JSON line, then the tables, the verdicts and the report's path.
 """
 
 from __future__ import annotations
@@ -27,9 +31,22 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from qstar_jax import cli, heldout, host_memory, loading, logs, outputs, report, train
+from qstar_jax import (
+    base_model,
+    cli,
+    heldout,
+    host_memory,
+    known_answer,
+    loading,
+    logs,
+    outputs,
+    predictor_check,
+    report,
+    train,
+)
 
-ARMS = ("quiet_star", "control")
+ARMS = ("quiet_star", "control", "filler")
+NEEDED_ARMS = ("quiet_star", "control")  # the filler arm may be left out (--arms)
 MIN_SEEDS = 3  # a claim that thinking helps needs at least this many seeds
 SAME_START_RTOL = 1e-4  # the arms' step-0 held-out losses agree to this, or the start differs
 
@@ -42,10 +59,33 @@ def control_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return control
 
 
+def filler_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same run with thoughts whose tokens are all pad_id: as long, with nothing in them."""
+    filler = _copy(config)
+    filler.quiet_star.filler_thoughts = True
+    return filler
+
+
+def arm_config(config: ml_collections.ConfigDict, arm: str, seed: int) -> ml_collections.ConfigDict:
+    """The config of one arm of `seed`: they differ only in their thought settings."""
+    make = {"quiet_star": _copy, "control": control_config, "filler": filler_config}[arm]
+    return make(_copy(config, seed=seed))
+
+
 def _copy(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
     copy = ml_collections.ConfigDict(config.to_dict())
     copy.update(changes)
     return copy
+
+
+@dataclasses.dataclass
+class AnswerScores:
+    """A seed's held-out answer tokens of the known-answer task, per arm and evaluation step."""
+
+    steps: list[int]  # the evaluation steps
+    loss: dict[str, list[float]]  # arm -> answer loss with thinking (the control: without)
+    accuracy: dict[str, list[float]]  # arm -> share of answers that are the most likely token
+    correct_steps: list[float]  # the Quiet-STaR arm's share of thoughts holding the right steps
 
 
 @dataclasses.dataclass
@@ -61,6 +101,8 @@ class SeedResult:
     talk: np.ndarray  # [T, n] the Quiet-STaR model's loss at each talk offset (NaN: no target)
     curves: dict[str, list[dict]]  # arm -> metrics.jsonl records
     thoughts: list[str]  # decoded at the last evaluation
+    filler: np.ndarray | None = None  # the filler arm with its thoughts after training
+    answers: AnswerScores | None = None  # the known-answer task's answer tokens
 
     @property
     def decile(self) -> np.ndarray:
@@ -74,26 +116,22 @@ class SeedResult:
         return self.decile == heldout.N_DECILES - 1
 
 
-def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int) -> SeedResult:
-    """Train both arms of `seed` (resuming what is there) and read their held-out losses."""
-    dirs = {arm: str(epath.Path(workdir) / f"seed_{seed}" / arm) for arm in ARMS}
-    configs = {"quiet_star": _copy(config, seed=seed),
-               "control": control_config(_copy(config, seed=seed))}
-    for arm in ARMS:
+def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int,
+             arms: tuple[str, ...] = ARMS) -> SeedResult:
+    """Train the `arms` of `seed` (resuming what is there) and read their held-out losses."""
+    dirs = {arm: str(epath.Path(workdir) / f"seed_{seed}" / arm) for arm in arms}
+    for arm in arms:
         _say(f"=== seed {seed}: {arm} arm, in {dirs[arm]}")
-        if arm == "control":  # the same held-out rows, deciles and (random model) tokenizer
-            _share(dirs["quiet_star"], dirs["control"])
-        records = train.run(configs[arm], dirs[arm])
+        if arm != "quiet_star":  # the same held-out rows, deciles and (random model) tokenizer
+            _share(dirs["quiet_star"], dirs[arm])
+        records = train.run(arm_config(config, arm, seed), dirs[arm])
         host_memory.release()  # the arm's freed memory, before the next arm's
         last = max((r["step"] for r in records), default=0)
         if last < config.train_steps:
-            raise Interrupted(f"the {arm} arm of seed {seed} stopped at step {last} of "
-                              f"{config.train_steps}; rerun the same command to resume")
-    return read_seed(dirs, seed, config.train_steps)
-
-
-class Interrupted(RuntimeError):
-    """An arm stopped before its last step (SIGTERM); its checkpoint is kept."""
+            raise train.Interrupted(f"the {arm} arm of seed {seed} stopped at step {last} of "
+                                    f"{config.train_steps}; rerun the same command to resume")
+    steps = config.data.steps if config.data.source == "known_answer" else None
+    return read_seed(dirs, seed, config.train_steps, steps)
 
 
 def _share(source: str, target: str) -> None:
@@ -110,22 +148,53 @@ def _share(source: str, target: str) -> None:
             f.copy(copy)
 
 
-def read_seed(dirs: dict[str, str], seed: int, final_step: int) -> SeedResult:
-    """A seed's losses from its arms' workdirs; checks that both arms started alike."""
-    start = {arm: heldout.read_losses(dirs[arm], 0)["base"] for arm in ARMS}
-    if not np.allclose(start["quiet_star"], start["control"], rtol=SAME_START_RTOL, atol=1e-5):
-        raise ValueError(f"seed {seed}: the arms' held-out losses at step 0 differ (mean "
-                         f"{start['quiet_star'].mean():.5f} against {start['control'].mean():.5f})"
-                         ": they did not start from the same weights and held-out rows")
-    qs = heldout.read_losses(dirs["quiet_star"], final_step)
-    control = heldout.read_losses(dirs["control"], final_step)
-    curves = {arm: _records(dirs[arm]) for arm in ARMS}
+def read_seed(dirs: dict[str, str], seed: int, final_step: int,
+              task_steps: int | None = None) -> SeedResult:
+    """A seed's losses from its arms' workdirs (`task_steps`: the known-answer task's digits,
+    whose answer tokens are then scored apart); checks that the arms started alike."""
+    start = {arm: heldout.read_losses(d, 0)["base"] for arm, d in dirs.items()}
+    for arm in dirs:
+        if not np.allclose(start["quiet_star"], start[arm], rtol=SAME_START_RTOL, atol=1e-5):
+            raise ValueError(f"seed {seed}: the {arm} arm's held-out losses at step 0 differ "
+                             f"from the quiet_star arm's (mean {start[arm].mean():.5f} against "
+                             f"{start['quiet_star'].mean():.5f}): they did not start from the "
+                             "same weights and held-out rows")
+    final = {arm: heldout.read_losses(d, final_step) for arm, d in dirs.items()}
+    qs = final["quiet_star"]
+    curves = {arm: _records(d) for arm, d in dirs.items()}
     thoughts_path = epath.Path(dirs["quiet_star"]) / logs.THOUGHTS_FILE
     samples = [json.loads(line) for line in thoughts_path.read_text().splitlines()]
-    return SeedResult(seed=seed, start=start["quiet_star"], control=control["base"],
+    return SeedResult(seed=seed, start=start["quiet_star"], control=final["control"]["base"],
                       base=qs["base"], think=qs["talk"][0], talk=qs["talk"], curves=curves,
                       thoughts=[t for s in samples if s["step"] == final_step
-                                for t in s["thoughts"]])
+                                for t in s["thoughts"]],
+                      filler=final["filler"]["talk"][0] if "filler" in final else None,
+                      answers=None if task_steps is None else
+                      answer_scores(dirs, curves, task_steps))
+
+
+def answer_scores(dirs: dict[str, str], curves: dict[str, list[dict]],
+                  task_steps: int) -> AnswerScores:
+    """The answer tokens' loss and accuracy per arm at every evaluation, and the share of the
+    Quiet-STaR arm's thoughts at "=" that hold the right steps."""
+    rows = heldout.read_rows(dirs["quiet_star"])
+    at = heldout.targets(rows)
+    answer = known_answer.answer_positions(at["token"])
+    tokens = rows["tokens"].reshape(-1, rows["tokens"].shape[-1])
+    right_nS = known_answer.correct_steps(tokens, task_steps)[at["row"], at["position"]][answer]
+    steps = sorted({r["step"] for r in curves["quiet_star"] if "eval/loss_base" in r})
+    loss, accuracy, correct = {}, {}, []
+    for arm, d in dirs.items():
+        per_step = [heldout.read_losses(d, s) for s in steps]
+        thinks = arm != "control"
+        loss[arm] = [float((x["talk"][0] if thinks else x["base"])[answer].mean())
+                     for x in per_step]
+        accuracy[arm] = [float(np.mean((x["think_argmax"] if thinks else x["base_argmax"])[answer]
+                                       == at["target"][answer])) for x in per_step]
+        if arm == "quiet_star":
+            correct = [float(np.mean(np.all(x["thoughts"][answer] == right_nS, -1)))
+                       for x in per_step]
+    return AnswerScores(steps, loss, accuracy, correct)
 
 
 def _records(workdir: str) -> list[dict]:
@@ -149,11 +218,11 @@ def verdict(differences: list[float]) -> dict:
             "favours_thinking_in": favours, "holds": holds}
 
 
-def sentence(what: str, v: dict) -> str:
-    """One line a newcomer can read, from a `verdict`."""
+def sentence(what: str, v: dict, against: str = "the control") -> str:
+    """One line a newcomer can read, from a `verdict` of thinking against `against`."""
     gain = -v["mean"]
     direction = "better" if gain > 0 else "worse"
-    amount = f"{abs(gain):.4f} nats/token {direction} than the control"
+    amount = f"{abs(gain):.4f} nats/token {direction} than {against}"
     if v["holds"]:
         return (f"{what}: thinking helps. With thinking the model is {amount} (mean of "
                 f"{v['seeds']} seeds, standard error {v['standard_error']:.4f}), in every seed.")
@@ -187,6 +256,9 @@ def summarize(results: list[SeedResult], description: str) -> dict:
     mean = lambda f: np.mean([f(r) for r in results], 0)  # noqa: E731
     columns = {"start": lambda r: r.start, "control": lambda r: r.control,
                "quiet_star_base": lambda r: r.base, "quiet_star_think": lambda r: r.think}
+    filler = all(r.filler is not None for r in results)
+    if filler:
+        columns["filler_think"] = lambda r: r.filler
     overall = {k: float(mean(lambda r, f=f: f(r).mean())) for k, f in columns.items()}
     deciles = {k: mean(lambda r, f=f: r.by_decile(f(r))) for k, f in columns.items()}
     hardest = {k: float(v[-1]) for k, v in deciles.items()}
@@ -199,7 +271,9 @@ def summarize(results: list[SeedResult], description: str) -> dict:
               *(float(v[d]) for v in deciles.values()),
               float(deciles["control"][d] - deciles["quiet_star_think"][d])] for d in range(10)]
     per_seed = [[r.seed, diff_all[i], diff_hard[i]] for i, r in enumerate(results)]
-    return {
+    sentences = [sentence("Overall", verdicts["overall"]),
+                 sentence("Hardest decile", verdicts["hardest_decile"])]
+    summary = {
         "description": description,
         "seeds": [r.seed for r in results],
         "overall": overall, "hardest_decile": hardest,
@@ -208,13 +282,77 @@ def summarize(results: list[SeedResult], description: str) -> dict:
         "think_minus_control": {"overall": diff_all, "hardest_decile": diff_hard},
         "verdict": verdicts,
         "verdict_line": verdict_line(verdicts["overall"], verdicts["hardest_decile"]),
-        "verdicts": [sentence("Overall", verdicts["overall"]),
-                     sentence("Hardest decile", verdicts["hardest_decile"])],
+        "verdicts": sentences,
         "table_header": ["held-out tokens", "start", "control", "Quiet-STaR base",
-                         "Quiet-STaR with thinking", "gain (control - thinking)"],
+                         "Quiet-STaR with thinking", *(["filler with its thoughts"] * filler),
+                         "gain (control - thinking)"],
         "table": rows,
         "per_seed_header": ["seed", "overall", "hardest decile"],
         "per_seed": per_seed,
+    }
+    if filler:
+        against = [float(r.think.mean() - r.filler.mean()) for r in results]
+        summary["think_minus_filler"] = {"overall": against}
+        summary["verdict_filler"] = {"overall": verdict(against)}
+        sentences.append(sentence("Against the filler arm, overall", verdict(against),
+                                  "the filler arm"))
+    if all(r.answers is not None for r in results):
+        summary["answer_tokens"] = answer_summary(results)
+        sentences.extend(summary["answer_tokens"]["verdicts"])
+    return summary
+
+
+def answer_summary(results: list[SeedResult]) -> dict:
+    """The known-answer task's answer tokens: losses and accuracies of the arms after training
+    (means over seeds), the verdicts of thinking against the control and the filler arm, the
+    issue's targets per seed, and the curves over the evaluations (means over seeds)."""
+    arms = list(results[0].answers.loss)
+    last = lambda r, key, arm: getattr(r.answers, key)[arm][-1]  # noqa: E731
+    loss = {a: float(np.mean([last(r, "loss", a) for r in results])) for a in arms}
+    accuracy = {a: float(np.mean([last(r, "accuracy", a) for r in results])) for a in arms}
+    against = {other: [last(r, "loss", "quiet_star") - last(r, "loss", other) for r in results]
+               for other in arms if other != "quiet_star"}
+    verdicts = {other: verdict(d) for other, d in against.items()}
+    qs = [last(r, "loss", "quiet_star") for r in results]
+    control = [last(r, "loss", "control") for r in results]
+    correct = [(r.answers.correct_steps[0], r.answers.correct_steps[-1]) for r in results]
+    targets = {
+        "half_of_control_in_every_seed": all(q <= c / 2 for q, c in zip(qs, control,
+                                                                      strict=True)),
+        "correct_steps_rise_in_every_seed": all(end > begin for begin, end in correct),
+        "verdict_holds": verdicts["control"]["holds"],
+    }
+    if "filler" in against:
+        targets["below_filler_in_every_seed"] = all(d < 0 for d in against["filler"])
+    curve = lambda key, arm: list(np.mean([getattr(r.answers, key)[arm]  # noqa: E731
+                                           for r in results], 0))
+    n = len(results)
+    status = ("thinking helps" if verdicts["control"]["holds"] else
+              "fewer than 3 seeds cannot show it" if n < MIN_SEEDS else "not shown")
+    others = ", ".join(f"{loss[o]:.4f} for the {o} arm" for o in against)
+    line = (f"Answer tokens ({n} seed{'s' * (n > 1)}): {status}. With thinking the answer loss "
+            f"is {loss['quiet_star']:.4f} nats against {others}; the answer is the most likely "
+            f"token in {accuracy['quiet_star']:.0%} of the held-out rows with thinking, "
+            f"{accuracy['control']:.0%} for the control.")
+    return {
+        "verdict_line": line,
+        "loss": loss, "accuracy": accuracy,
+        "think_minus": against, "verdict": verdicts,
+        "verdicts": [sentence("Answer tokens", verdicts["control"])] + [
+            sentence(f"Answer tokens against the {o} arm", v, f"the {o} arm")
+            for o, v in verdicts.items() if o != "control"],
+        "targets": targets,
+        "per_seed_header": ["seed", *(f"{a} loss" for a in arms),
+                            *(f"{a} accuracy" for a in arms),
+                            "correct steps at the start", "correct steps after training"],
+        "per_seed": [[r.seed, *(last(r, "loss", a) for a in arms),
+                      *(last(r, "accuracy", a) for a in arms), *c]
+                     for r, c in zip(results, correct, strict=True)],
+        "curves": {"steps": results[0].answers.steps,
+                   "loss": {a: curve("loss", a) for a in arms},
+                   "accuracy": {a: curve("accuracy", a) for a in arms},
+                   "correct_steps": list(np.mean([r.answers.correct_steps for r in results],
+                                                 0))},
     }
 
 
@@ -226,17 +364,32 @@ def _finite_mean(x_TN: np.ndarray) -> np.ndarray:
 
 
 def print_table(summary: dict) -> None:
-    """The decile table and the verdicts, for the terminal."""
-    header = ["", "start", "control", "QS base", "QS think", "gain"]
+    """The decile table, the answer tokens' table and the verdicts, for the terminal."""
+    filler = "filler_think" in summary["overall"]
+    header = ["", "start", "control", "QS base", "QS think", *(["filler"] * filler), "gain"]
     print("\nheld-out loss (nats/token), mean over seeds " + str(summary["seeds"]) +
-          "; control: trained without thoughts; QS: Quiet-STaR; gain = control - QS think")
+          "; control: trained without thoughts; QS: Quiet-STaR; filler: thoughts of pad tokens;"
+          " gain = control - QS think")
     print(f"{header[0]:22s}" + "".join(f"{h:>10s}" for h in header[1:]))
     for row in summary["table"]:
         print(f"{row[0]:22s}" + "".join(f"{v:10.4f}" for v in row[1:]))
     print("Quiet-STaR held-out loss at each talk offset t (x[j+1+t] after the thought at j): " +
           "  ".join(f"t={t}: {v:.4f}" for t, v in enumerate(summary["talk_loss_by_offset"])
                     if v is not None))
+    if answers := summary.get("answer_tokens"):
+        print("answer tokens after training, mean over seeds: " + "; ".join(
+            f"{arm} loss {answers['loss'][arm]:.4f}, accuracy {answers['accuracy'][arm]:.3f}"
+            for arm in answers["loss"]))
+        shares = answers["curves"]["correct_steps"]
+        print(f"thoughts at '=' with the right steps: {shares[0]:.3f} at the start, "
+              f"{shares[-1]:.3f} after training (Quiet-STaR arm)")
+        print("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}"
+                                       for k, v in answers["targets"].items()))
+    for line in summary["verdicts"][2:]:
+        print(line)
     print(summary["verdict_line"])
+    if answers:
+        print(answers["verdict_line"])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -247,42 +400,80 @@ def define_flags() -> None:
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "one training workdir per seed and arm, the summary "
                         "and the report; reused to resume")
-    flags.DEFINE_list("seeds", ["0"], "training seeds, each a pair of arms (3 or more to judge "
+    flags.DEFINE_list("seeds", ["0"], "training seeds, each a set of arms (3 or more to judge "
                       "whether thinking helps)")
+    flags.DEFINE_list("arms", list(ARMS), "the arms of each seed: quiet_star and control, and "
+                      "filler unless left out")
 
 
 def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, seeds: list[int]) -> dict:
-    """Both arms of every seed, then summary.json, report.html and the summary (returned)."""
+PREDICTOR_CHECK = "predictor_check.json"
+
+
+def _predictor_check(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The predictor check of a known-answer config (`predictor_check.py`), once per workdir."""
+    path = epath.Path(workdir) / PREDICTOR_CHECK
+    if path.exists():
+        return json.loads(path.read_text())
+    _say("=== predictor check: forced right and wrong thoughts, only the mixing head trains")
+    check = predictor_check.from_config(config)
+    path.write_text(json.dumps(check, indent=1))
+    _say(predictor_check.sentence(check))
+    return check
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, seeds: list[int],
+        arms: tuple[str, ...] = ARMS) -> dict:
+    """The base model (if the config has one), the predictor check (known-answer task), the
+    arms of every seed, then summary.json, report.html and the summary (returned)."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds={','.join(map(str, seeds))}: name distinct seeds")
+    if unknown := sorted(set(arms) - set(ARMS)):
+        raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; expected some of "
+                         f"{', '.join(ARMS)}")
+    if missing := [a for a in NEEDED_ARMS if a not in arms]:
+        raise ValueError(f"--arms: {', '.join(missing)} is needed (the verdict compares "
+                         "quiet_star with control)")
+    arms = tuple(a for a in ARMS if a in arms)
     if config.quiet_star.n_ahead < 3:
         raise ValueError(f"quiet_star.n_ahead={config.quiet_star.n_ahead}: the Quiet-STaR arm "
                          "needs thoughts (n_ahead >= 3); the control arm is made from it")
     outputs.prepare_workdir(workdir)  # before hours of training, not after
     out = epath.Path(workdir)
     report_path, summary_path = out / "report.html", out / "summary.json"
-    results = [run_seed(config, workdir, seed) for seed in seeds]
+    started = "base_model" in config
+    if started:
+        config = base_model.arm_config(config, base_model.prepare(config, workdir))
+    check = (_predictor_check(config, workdir) if config.data.source == "known_answer"
+             and config.model.source == "hf" else None)
+    results = [run_seed(config, workdir, seed, arms) for seed in seeds]
     q = config.quiet_star
-    description = (f"{len(seeds)} seed(s) x {config.train_steps} steps of batch "
-                   f"{config.batch_size} x {config.seq_len} tokens; Quiet-STaR with n_ahead "
-                   f"{q.n_ahead} ({q.n_ahead - 3} sampled thought tokens), n_ahead_talk "
-                   f"{q.n_ahead_talk}, {q.n_passes} rationales, policy weight "
-                   f"{q.policy_loss_beta:g}; the control trains the same model on the same "
-                   "batches without thoughts. Difficulty deciles: the starting model's per-token "
-                   "loss on the held-out tokens.")
+    description = (
+        f"{len(seeds)} seed(s) x {config.train_steps} steps of batch {config.batch_size} x "
+        f"{config.seq_len} tokens"
+        + (", from a base model trained from scratch first (base_model)" if started else "")
+        + f"; Quiet-STaR with n_ahead {q.n_ahead} ({q.n_ahead - 3} sampled thought tokens), "
+        f"n_ahead_talk {q.n_ahead_talk}, {q.n_passes} rationales, policy weight "
+        f"{q.policy_loss_beta:g}; the control trains the same model on the same batches "
+        "without thoughts" + ("; the filler arm with thoughts of pad tokens only"
+                              if "filler" in arms else "")
+        + ". Difficulty deciles: the starting model's per-token loss on the held-out tokens.")
     summary = summarize(results, description)
+    if check is not None:
+        summary["predictor_check"] = check
+        summary["verdicts"].append(predictor_check.sentence(check))
     seeds_data = [{"seed": r.seed, "curves": r.curves, "thoughts": r.thoughts,
                    "gain_by_decile": list(r.by_decile(r.control) - r.by_decile(r.think))}
                   for r in results]
     report_path.write_text(report.render(summary, seeds_data))
     summary["report"] = str(report_path)
     summary_path.write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: summary[k] for k in ("seeds", "overall", "hardest_decile",
-                                                 "think_minus_control", "verdict", "report")}))
+    keys = ("seeds", "overall", "hardest_decile", "think_minus_control", "verdict",
+            "answer_tokens", "report")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
     print_table(summary)
     print(f"report: {report_path}")
     return summary
@@ -291,7 +482,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, seeds: list[int]) -> di
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config, workdir, seeds = (flags.FLAGS[k].value for k in ("config", "workdir", "seeds"))
+    config, workdir, seeds, arms = (flags.FLAGS[k].value
+                                    for k in ("config", "workdir", "seeds", "arms"))
     if config is None or not workdir:
         raise app.UsageError("--config and --workdir are required")
     if not flags.FLAGS["verbosity"].present:
@@ -301,8 +493,8 @@ def main(argv: list[str]) -> None:
     except ValueError:
         cli.fail(f"--seeds={','.join(seeds)}: expected integers such as 0,1,2", 2)
     try:
-        run(config, workdir, seeds)
-    except (ValueError, FileNotFoundError, train.NonFiniteLoss, Interrupted) as e:
+        run(config, workdir, seeds, tuple(arms))
+    except (ValueError, FileNotFoundError, train.NonFiniteLoss, train.Interrupted) as e:
         cli.fail(str(e))
 
 

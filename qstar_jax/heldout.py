@@ -7,7 +7,11 @@ Files under `workdir/heldout/`:
 - `start_loss.npy`: float32 [n], the starting model's base-pass loss of each valid held-out token,
   in evaluation order;
 - `losses_<step>.npz`: each evaluation's per-token losses, "base" [n] and "talk" [T, n] (NaN
-  where an offset has no target).
+  where an offset has no target), the most likely next token of the base pass and after
+  thinking, "base_argmax" and "think_argmax" [n], and the thought before each, "thoughts"
+  [n, S].
+
+Token i of these [n] arrays is the i-th valid target of the rows in order (`targets`).
 """
 
 from __future__ import annotations
@@ -88,9 +92,28 @@ def write_start_loss(workdir: str, loss: np.ndarray) -> None:
     _write(directory(workdir) / START_LOSS, np.save, np.asarray(loss, np.float32))
 
 
-def write_losses(workdir: str, step: int, base: np.ndarray, talk: np.ndarray) -> None:
-    _write(directory(workdir) / f"losses_{step}.npz", np.savez,
-           {"base": np.asarray(base, np.float32), "talk": np.asarray(talk, np.float32)})
+LOSS_KEYS = ("base", "talk", "base_argmax", "think_argmax", "thoughts")
+
+
+def write_losses(workdir: str, step: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write an evaluation's per-token arrays (LOSS_KEYS; see the module doc)."""
+    if sorted(arrays) != sorted(LOSS_KEYS):
+        raise ValueError(f"write_losses takes {list(LOSS_KEYS)}, got {sorted(arrays)}")
+    _write(directory(workdir) / f"losses_{step}.npz", np.savez, arrays)
+
+
+def targets(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Where each scored token of the saved rows [N, B, L] sits, in the order of the per-token
+    arrays: "row" and "position" j (of the flattened [N * B, L] rows) [n], the token x[j] the
+    prediction is made at and the target x[j + 1] [n]. A target is valid where it is a real
+    token (scoring.token_losses)."""
+    tokens = rows["tokens"].reshape(-1, rows["tokens"].shape[-1])
+    mask = rows["mask"].reshape(tokens.shape)
+    valid = np.zeros_like(mask)
+    valid[:, :-1] = mask[:, 1:]
+    row, position = np.nonzero(valid)
+    return {"row": row, "position": position, "token": tokens[row, position],
+            "target": tokens[row, position + 1]}
 
 
 def read_losses(workdir: str, step: int) -> dict[str, np.ndarray]:
@@ -100,7 +123,7 @@ def read_losses(workdir: str, step: int) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} does not exist: no evaluation at step {step} in {workdir}")
     saved = _read(path, "that evaluation's losses are lost; evaluate the step's checkpoint "
                   "again, or start a new workdir")
-    return {k: saved[k] for k in ("base", "talk")}
+    return {k: saved[k] for k in LOSS_KEYS if k in saved}
 
 
 def deciles(start_loss: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import ml_collections
 from etils import epath
 from jax.experimental import multihost_utils
 
-from qstar_jax import checkpoint, data, hf_checkpoint
+from qstar_jax import checkpoint, data, hf_checkpoint, known_answer
 from qstar_jax import tokenizer as tokenizer_lib
 from qstar_jax.config import SIZE_KEYS, check_model_keys, quiet_star_config
 from qstar_jax.directories import copy_files, local_dir
@@ -30,7 +30,6 @@ from qstar_jax.model import RUNTIME_FIELDS, ModelConfig, Params, init_params, is
 from qstar_jax.thoughts import N_THOUGHT_TOKENS, QuietStarConfig, add_thought_params
 
 TOKENIZER_DIR = "tokenizer"  # in the workdir, for the random source
-INIT_TEXT = "---"  # its first token's embedding initialises the start/end thought embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +66,17 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     check_model_keys(model)
     runtime = {k: model[k] for k in RUNTIME_FIELDS}
     if model.source == "random":
+        task_vocab = len(known_answer.VOCABULARY)
+        if config.data.source == "known_answer" and model.vocab_size != task_vocab:
+            raise ValueError(f"model.vocab_size={model.vocab_size}: the known-answer task's "
+                             f"tokenizer has {task_vocab} tokens; set it to that")
         tok = workdir_tokenizer(config, workdir)
         if (tok.start_thought_id, tok.end_thought_id) != (tok.vocab_size - 2, tok.vocab_size - 1):
             raise ValueError(f"{tok}: a random model needs the thought tokens after the vocabulary")
         sizes = {k: model[k] for k in SIZE_KEYS if k != "vocab_size"}
         model_cfg = ModelConfig(vocab_size=tok.vocab_size, **sizes, **runtime)
-        return Model(quiet_star_config(config.quiet_star, model_cfg, tok), tok,
-                     _init_token(tok), None)
+        cfg = quiet_star_config(config.quiet_star, model_cfg, tok)
+        return Model(cfg, tok, _init_token(tok, cfg.init_text), None)
     where = model.path if model.source == "hf" else "the demo model"
     # A gs:// directory is copied to the local cache; the demo model is converted there once.
     path = demo_dir() if model.source == "demo" else local_dir(model.path)
@@ -84,14 +87,15 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     # more rows than the tokenizer has tokens (Qwen): tokenizer._place_thought_ids.
     thought_ids = (tok.start_thought_id, tok.end_thought_id)
     if max(thought_ids) < model_cfg.vocab_size:  # a Quiet-STaR checkpoint: thought rows present
-        return Model(quiet_star_config(config.quiet_star, model_cfg, tok), tok, _init_token(tok),
+        cfg = quiet_star_config(config.quiet_star, model_cfg, tok)
+        return Model(cfg, tok, _init_token(tok, cfg.init_text),
                      lambda: _checked(loaded(), True, where))
     if sorted(thought_ids) != [model_cfg.vocab_size, model_cfg.vocab_size + 1]:
         raise ValueError(f"{tok}: thought tokens at {thought_ids}, but a model with "
                          f"{model_cfg.vocab_size} rows needs them at the next two ids")
     grown = model_cfg.replace(vocab_size=model_cfg.vocab_size + N_THOUGHT_TOKENS)
     cfg = quiet_star_config(config.quiet_star, grown, tok)
-    init_token = _init_token(tok)
+    init_token = _init_token(tok, cfg.init_text)
 
     def load() -> Params:
         decoder = _checked(loaded(), False, where)
@@ -108,10 +112,11 @@ def _checked(params: Params, thoughts: bool, source: str) -> Params:
     return params
 
 
-def _init_token(tok: tokenizer_lib.Tokenizer) -> int:
-    ids = tok.encode(INIT_TEXT)
+def _init_token(tok: tokenizer_lib.Tokenizer, text: str) -> int:
+    """The first token of `text` (quiet_star.init_text)."""
+    ids = tok.encode(text)
     if not ids:
-        raise ValueError(f"{tok}: {INIT_TEXT!r} encodes to no tokens")
+        raise ValueError(f"quiet_star.init_text={text!r} encodes to no tokens with {tok}")
     return ids[0]
 
 
@@ -126,7 +131,10 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokeni
         staging = target.parent / f".{TOKENIZER_DIR}.tmp"
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                tokenizer_lib.train_sentencepiece(texts, config.model.vocab_size, tmp)
+                if config.data.source == "known_answer":
+                    known_answer.save_tokenizer(tmp)
+                else:
+                    tokenizer_lib.train_sentencepiece(texts, config.model.vocab_size, tmp)
             except tokenizer_lib.VocabularyTooLarge as e:
                 raise ValueError(
                     f"model.vocab_size={config.model.vocab_size} is more than the training "

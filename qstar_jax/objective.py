@@ -80,7 +80,8 @@ def quiet_star_loss(params: Params, batch: dict, rng: jax.Array, cfg: QuietStarC
 
     reward_BPJ, advantage_BPJ, policy_loss = reinforce_terms(
         ce0_BL, ce_talk_BPTL, ro.thought_logprobs, cfg)
-    loss = nll + cfg.policy_loss_beta * policy_loss
+    # Filler thoughts are not drawn: there is no policy to reinforce.
+    loss = nll if cfg.filler_thoughts else nll + cfg.policy_loss_beta * policy_loss
     metrics.update(
         loss=loss, nll=nll, loss_talk=jnp.mean(loss_talk_T), policy_loss=policy_loss,
         reward_mean=jnp.mean(reward_BPJ), advantage_mean=jnp.mean(advantage_BPJ),

@@ -27,6 +27,10 @@ def default_config() -> ml_collections.ConfigDict:
         eps=1e-8,
         grad_clip_norm=1.0,  # global-norm clipping of the (accumulated) gradient; 0: none
         grad_accum_steps=1,  # micro-batches averaged per update (steps.train_step sums them)
+        # The mixing head's learning rate as a multiple of learning_rate (weight decay scales
+        # with it, as in a torch parameter group): a head that starts at zero otherwise moves
+        # as slowly as the language model it sits on (benchmarks/RESULTS.md).
+        mixing_head_lr_scale=1.0,
     ))
 
 
@@ -65,13 +69,26 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _mixing_head_mask(params):
+    """True for the leaves of the mixing head (params["mixing_head"])."""
+    def in_head(path, _):
+        return getattr(path[0], "key", None) == "mixing_head"
+
+    return jax.tree_util.tree_map_with_path(in_head, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    train_steps: int) -> optax.GradientTransformation:
     """AdamW per `config` (see `default_config`); `train_steps` counts optimizer updates."""
     if config.grad_clip_norm < 0:
         raise ValueError(f"optim.grad_clip_norm={config.grad_clip_norm} must be >= 0 (0: none)")
+    if config.mixing_head_lr_scale <= 0:
+        raise ValueError(f"optim.mixing_head_lr_scale={config.mixing_head_lr_scale} must be > 0")
     adamw = optax.adamw(learning_rate_fn(config, train_steps), b1=config.b1, b2=config.b2,
                         eps=config.eps, weight_decay=config.weight_decay, mask=_decay_mask)
+    if config.mixing_head_lr_scale != 1.0:
+        adamw = optax.chain(adamw, optax.masked(optax.scale(config.mixing_head_lr_scale),
+                                                _mixing_head_mask))
     # torch clips by max_norm / (norm + 1e-6); optax by max_norm / norm: equal to ~1e-6 relative.
     return (optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
             if config.grad_clip_norm else adamw)

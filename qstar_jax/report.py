@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 PLOTS = ("learning curves", "gain by difficulty decile", "thinking diagnostics")
+ANSWER_PLOT = "answer tokens"  # a fourth plot, for the known-answer task
 
 
 def _png(fig: Figure) -> str:
@@ -50,7 +51,9 @@ CURVES = (  # (arm, training key, held-out key, label, colour, style)
     ("quiet_star", "loss_base", "eval/loss_base", "Quiet-STaR, base pass", "tab:orange", "--"),
     ("quiet_star", "loss_talk_0", "eval/loss_think", "Quiet-STaR, with thinking", "tab:green",
      "-"),
+    ("filler", "loss_talk_0", "eval/loss_think", "filler thoughts", "tab:gray", ":"),
 )
+ARM_COLOURS = {"quiet_star": "tab:green", "control": "tab:blue", "filler": "tab:gray"}
 
 
 def learning_curves(seeds: list[dict]) -> Figure:
@@ -60,6 +63,8 @@ def learning_curves(seeds: list[dict]) -> Figure:
     fig.suptitle("learning curves")
     train_ax, eval_ax = fig.subplots(1, 2)
     for arm, train_key, eval_key, label, colour, style in CURVES:
+        if arm not in seeds[0]["curves"]:
+            continue
         steps, values = _mean_over_seeds(seeds, arm, train_key)
         train_ax.plot(steps, _running_mean(values, SMOOTH_STEPS), style, color=colour,
                       label=label)
@@ -114,6 +119,32 @@ def diagnostics(seeds: list[dict]) -> Figure:
     return fig
 
 
+def answer_tokens(answers: dict) -> Figure:
+    """The known-answer task over the evaluations, means over seeds: each arm's loss and
+    accuracy on the answer tokens, and the share of Quiet-STaR thoughts with the right steps."""
+    fig = Figure(figsize=(13, 3.8))
+    fig.suptitle(ANSWER_PLOT)
+    loss_ax, accuracy_ax, steps_ax = fig.subplots(1, 3)
+    curves = answers["curves"]
+    for arm, values in curves["loss"].items():
+        loss_ax.plot(curves["steps"], values, "o-", markersize=3, color=ARM_COLOURS[arm],
+                     label=arm)
+        accuracy_ax.plot(curves["steps"], curves["accuracy"][arm], "o-", markersize=3,
+                         color=ARM_COLOURS[arm], label=arm)
+    steps_ax.plot(curves["steps"], curves["correct_steps"], "o-", markersize=3,
+                  color=ARM_COLOURS["quiet_star"], label="quiet_star")
+    loss_ax.axhline(np.log(10), color="black", linewidth=0.8, linestyle=":",
+                    label="ln 10 (a guess)")
+    loss_ax.set(title="answer loss (with thinking)", xlabel="step", ylabel="nats")
+    accuracy_ax.set(title="answer accuracy (most likely token)", xlabel="step", ylim=(0, 1.02))
+    steps_ax.set(title="thoughts at '=' with the right steps", xlabel="step", ylim=(0, 1.02))
+    for ax in (loss_ax, accuracy_ax, steps_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     cell = lambda v: f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -125,6 +156,24 @@ def render(summary: dict, seeds: list[dict]) -> str:
     """The report page (see the module doc); `summary["table"]` holds the decile table rows,
     `summary["verdict_line"]` the answer, `summary["verdicts"]` one sentence per question."""
     figures = [learning_curves(seeds), gain_by_decile(seeds), diagnostics(seeds)]
+    answers = summary.get("answer_tokens")
+    answer_html = ""
+    if answers:
+        figures.append(answer_tokens(answers))
+        arms = list(answers["loss"])
+        answer_html = f"""<h2>Answer tokens (the known-answer task)</h2>
+<p>{"".join(f"{html.escape(v)}<br>" for v in answers["verdicts"])}</p>
+{_table([[a, answers["loss"][a], answers["accuracy"][a]] for a in arms],
+        ["arm", "answer loss (nats)", "answer accuracy"])}
+<p>Targets: {html.escape(", ".join(f"{k}: {'yes' if v else 'no'}"
+                                      for k, v in answers["targets"].items()))}</p>
+{_table(answers["per_seed"], answers["per_seed_header"])}"""
+    if check := summary.get("predictor_check"):
+        answer_html += f"""<h2>Predictor check (before any REINFORCE)</h2>
+{_table([[kind, check[kind]["before"]["answer_loss"], check[kind]["after"]["answer_loss"],
+          check[kind]["after"]["mixing_weight"]] for kind in ("correct", "wrong")],
+        ["forced thought at '='", "answer loss before", f"after {check['steps']} head steps",
+         "mixing weight after"])}"""
     thoughts = "".join(
         f"<h3>seed {s['seed']}</h3><pre>{html.escape(chr(10).join(s['thoughts']))}</pre>"
         for s in seeds)
@@ -137,8 +186,10 @@ img{{max-width:100%;display:block;margin:1em 0}}pre{{background:#f6f6f6;padding:
 white-space:pre-wrap}}</style></head><body>
 <h1>Does thinking help?</h1>
 <p><b>{html.escape(summary["verdict_line"])}</b></p>
+{f'<p><b>{html.escape(answers["verdict_line"])}</b></p>' if answers else ""}
 <ul>{verdicts}</ul>
 <p>{html.escape(summary["description"])}</p>
+{answer_html}
 <h2>Held-out loss by difficulty decile (mean over seeds)</h2>
 {_table(summary["table"], summary["table_header"])}
 <h2>Quiet-STaR: held-out loss at each talk offset</h2>

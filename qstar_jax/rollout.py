@@ -203,7 +203,8 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     The chain of position j sees the base keys x[0..j] (one shared causal prefix) and its own
     earlier chain keys (a per-position buffer), merged in one softmax: O(L^2 + L*k) time per pass,
     and memory linear in L when L exceeds `model.attention_block` (`model.span_attention`).
-    `thought_tokens` [B, P, L, S] replaces sampling (tests, analysis); they are ordinary tokens,
+    `thought_tokens` [B, P, L, S] replaces sampling (tests, analysis; `filler_thoughts` puts
+    pad_id everywhere); they are ordinary tokens,
     never the thought tokens' own ids: checked unless traced, and under jit such a token's
     log-prob is NaN (`speakable_index`).
     """
@@ -222,6 +223,8 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
 
     # Every row of a rationale reads the same base keys.
     p = cfg.n_passes
+    if cfg.filler_thoughts and thought_tokens is None:
+        thought_tokens = np.full((b, p, length, cfg.n_sampled), cfg.pad_id, np.int32)
     forced_SRL = None if thought_tokens is None else _forced_rows(thought_tokens, cfg)
     positions_RL = _every_rationale(positions_BL, p)
     prefix = ChainPrefix(positions_RL, positions_RL, _every_rationale(mask_BL, p))

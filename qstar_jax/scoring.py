@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from qstar_jax.model import Params
 from qstar_jax.rollout import rollout, shifted
-from qstar_jax.thoughts import QuietStarConfig, token_logprob
+from qstar_jax.thoughts import QuietStarConfig, mask_thought_logits, token_logprob
 
 
 def evaluation_config(cfg: QuietStarConfig, talk_offsets: bool = True) -> QuietStarConfig:
@@ -35,6 +35,8 @@ class TokenLosses:
     talk: jax.Array  # [B, T, L] -log p_mix(x[j+1+t])
     valid: jax.Array  # [B, T, L] bool: the target exists and is not masked
     thoughts: jax.Array  # [B, L, S] int32, the thought at each position
+    base_argmax: jax.Array  # [B, L] int32: the base pass's most likely x[j+1]
+    think_argmax: jax.Array  # [B, L] int32: the most likely x[j+1] after thinking at j
 
     @property
     def think(self) -> jax.Array:
@@ -46,14 +48,19 @@ def token_losses(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: 
                  cfg: QuietStarConfig, talk_offsets: bool = True) -> TokenLosses:
     """Per-token losses of a batch [B, L] (`cfg` as trained; see `evaluation_config`)."""
     cfg = evaluation_config(cfg, talk_offsets)
-    ro = rollout(params, tokens_BL, mask_BL, rng, cfg)
+    ro = rollout(params, tokens_BL, mask_BL, rng, cfg, return_talk_logits=cfg.thinks)
     t_talk = cfg.n_ahead_talk if cfg.thinks else 1
     valid_BTL = jnp.stack([shifted(mask_BL, t + 1, False) for t in range(t_talk)], 1)
     base_BL = jnp.where(valid_BTL[:, 0],
                         -token_logprob(ro.base_logits, shifted(tokens_BL, 1)), 0.0)
     talk_BTL = -ro.talk_logprobs[:, 0] if cfg.thinks else base_BL[:, None]
+    most_likely = lambda logits: jnp.argmax(mask_thought_logits(logits, cfg), -1).astype(  # noqa: E731
+        jnp.int32)
+    base_argmax = most_likely(ro.base_logits)
     return TokenLosses(base=base_BL, talk=jnp.where(valid_BTL, talk_BTL, 0.0), valid=valid_BTL,
-                       thoughts=ro.thought_tokens[:, 0])
+                       thoughts=ro.thought_tokens[:, 0], base_argmax=base_argmax,
+                       think_argmax=most_likely(ro.talk_logits[:, 0, 0]) if cfg.thinks
+                       else base_argmax)
 
 
 def next_token_logits(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.Array,

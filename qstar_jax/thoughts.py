@@ -49,6 +49,12 @@ class QuietStarConfig:
     base_loss_beta: float = 1.0
     original_loss_weight: float = 0.5  # weight of the base-pass CE; talk CEs get 1 - it
     embedding_scale: float = 100.0
+    # The first token of this text gives the start/end thought embeddings their initial value
+    # (the authors': "---"), when thought weights are added to a plain model.
+    init_text: str = "---"
+    # Every thought token is pad_id instead of drawn: thoughts of the same length that carry
+    # nothing (the experiment's filler arm); there is then no policy to reinforce.
+    filler_thoughts: bool = False
     remove_negative_rewards: bool = True
     use_trice_baseline: bool = True
     mixing_sigmoid: bool = False
@@ -139,6 +145,21 @@ def add_thought_params(decoder_params: Params, cfg: ModelConfig, init_token_id: 
     params = {"decoder": grown, "start_embedding": start, "end_embedding": start,
               "mixing_head": nn.unbox(head)}
     return new_cfg, params
+
+
+def remove_thought_params(params: Params, cfg: QuietStarConfig) -> tuple[ModelConfig, Params]:
+    """The plain LM inside a Quiet-STaR model whose thought tokens are its last two ids: the
+    decoder without their rows (the inverse of `add_thought_params`)."""
+    v = cfg.model.vocab_size
+    if {cfg.start_thought_id, cfg.end_thought_id} != {v - 2, v - 1}:
+        raise ValueError(f"thought ids {cfg.start_thought_id, cfg.end_thought_id} are not the "
+                         f"last two of the vocabulary ({v}): their rows cannot be cut off")
+    cut = lambda m: m[:v - N_THOUGHT_TOKENS]  # noqa: E731
+    decoder = dict(params["decoder"])
+    decoder["embed"] = {"embedding": cut(decoder["embed"]["embedding"])}
+    if not cfg.model.tie_embeddings:
+        decoder["lm_head"] = {"kernel": cut(decoder["lm_head"]["kernel"])}
+    return cfg.model.replace(vocab_size=v - N_THOUGHT_TOKENS), decoder
 
 
 # ----------------------------------------------------------------------------- building blocks

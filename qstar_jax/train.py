@@ -52,15 +52,27 @@ class NonFiniteLoss(RuntimeError):
     """The loss or gradient became NaN/inf; the run stops without saving that state."""
 
 
+class Interrupted(RuntimeError):
+    """A run stopped before its last step (SIGTERM); its checkpoint is kept."""
+
+
 @dataclasses.dataclass
 class Evaluation:
-    """One held-out evaluation: logged metrics, decoded thoughts, per-token losses of the valid
-    tokens in a fixed order (`base` [n]; `talk` [T, n], NaN where an offset has no target)."""
+    """One held-out evaluation: logged metrics, decoded thoughts, and the per-token arrays of the
+    valid tokens in a fixed order (`heldout.LOSS_KEYS`): losses `base` [n] and `talk` [T, n]
+    (NaN where an offset has no target), the most likely tokens `base_argmax`, `think_argmax`
+    [n] and the `thoughts` [n, S] before them."""
 
     metrics: dict
     samples: list[str]
     base: np.ndarray
     talk: np.ndarray
+    base_argmax: np.ndarray
+    think_argmax: np.ndarray
+    thoughts: np.ndarray
+
+    def per_token(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in heldout.LOSS_KEYS}
 
 
 def evaluate_heldout(trainer: steps.Trainer, params, batches: list[dict], seed: int,
@@ -96,7 +108,8 @@ def evaluate_heldout(trainer: steps.Trainer, params, batches: list[dict], seed: 
     # Global row 0 is process 0's first row, and process 0 is the one that logs.
     samples = _thought_samples(trainer, batches[0]["tokens"][0], parts[0].valid[0, 0],
                                parts[0].thoughts[0]) if trainer.model.cfg.thinks else []
-    return Evaluation(metrics, samples, base, talk)
+    return Evaluation(metrics, samples, base, talk, cat("base_argmax")[valid_BL],
+                      cat("think_argmax")[valid_BL], cat("thoughts")[valid_BL])
 
 
 def _thought_samples(trainer: steps.Trainer, tokens_L: np.ndarray, valid_L: np.ndarray,
@@ -207,7 +220,7 @@ def _loop(config, workdir, trainer: steps.Trainer, ckpts: checkpoint.Checkpoints
             if main_process:
                 heldout.write_start_loss(workdir, start_loss)
         if main_process:
-            heldout.write_losses(workdir, at, result.base, result.talk)
+            heldout.write_losses(workdir, at, result.per_token())
             logs.append_thoughts(workdir, at, result.samples)
         log.write(at, result.metrics)
         logs.say(logs.eval_line(at, time.perf_counter() - began, result.metrics,

@@ -20,6 +20,7 @@ from PIL import Image
 from test_sharding import subprocess_env
 
 from qstar_jax import experiment, heldout, loading, report
+from qstar_jax import tokenizer as tk
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/tiny.py, smaller (as in test_train.py); 2 seeds keep it short and still have a spread.
@@ -200,8 +201,9 @@ def test_both_arms_start_alike_and_the_run_reports(ran):
     assert lines[-2].startswith("Verdict (2 seeds): with thinking the model was ")
     assert lines[-2].endswith("fewer than 3 seeds cannot show that thinking helps (run "
                               "--seeds=0,1,2).")
-    assert lines[-3].startswith("Quiet-STaR held-out loss at each talk offset t ")
-    assert lines[-4].startswith("decile 10 (hardest) ")
+    assert lines[-3].startswith("Against the filler arm, overall: with thinking the model was ")
+    assert lines[-4].startswith("Quiet-STaR held-out loss at each talk offset t ")
+    assert lines[-5].startswith("decile 10 (hardest) ")
     last = json.loads(next(x for x in lines if x.startswith('{"seeds"')))
     assert last["seeds"] == [0, 1] and set(last["verdict"]) == {"overall", "hardest_decile"}
     assert last["report"] == str(workdir / "report.html")
@@ -226,6 +228,13 @@ def test_both_arms_start_alike_and_the_run_reports(ran):
         np.testing.assert_allclose(summary["think_minus_control"]["overall"][seed],
                                    qs_final["talk"][0].mean() - ctl_final["base"].mean(),
                                    rtol=1e-5)
+        filler_final = np.load(arms["filler"] / "heldout" / "losses_4.npz")
+        np.testing.assert_allclose(summary["think_minus_filler"]["overall"][seed],
+                                   qs_final["talk"][0].mean() - filler_final["talk"][0].mean(),
+                                   rtol=1e-5)
+        pad = tk.load(str(arms["filler"] / loading.TOKENIZER_DIR)).pad_id
+        assert filler_final["thoughts"].size and (filler_final["thoughts"] == pad).all()
+        assert first["filler"]["loss"] == first["filler"]["nll"]  # no policy term
     page = (workdir / "report.html").read_text()
     assert page.count("<img") == len(report.PLOTS)
 
@@ -254,7 +263,7 @@ def test_the_control_arm_scores_transformers_cross_entropy(ran, tmp_path):
 def test_a_rerun_trains_nothing_and_reports_the_same(ran, tmp_path_factory):
     workdir, first = ran
     out = run_experiment(workdir, subprocess_env(1, tmp_path_factory.mktemp("cache")))
-    assert out.stdout.count("already complete at step 4") == 4  # two seeds, two arms
+    assert out.stdout.count("already complete at step 4") == 6  # two seeds, three arms
     tail = lambda text: text[text.index('{"seeds"'):]  # noqa: E731  the JSON line onwards
     assert tail(out.stdout) == tail(first.stdout)
 

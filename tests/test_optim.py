@@ -111,3 +111,36 @@ def test_clipping_scales_a_known_norm_exactly():
     np.testing.assert_allclose(updates["w"], [-1.2 / 2.2, -1.6 / 2.6], rtol=1e-6)
     updates, _ = opt.update({"w": jnp.array([0.3, 0.4])}, opt.init(params), params)  # below: kept
     np.testing.assert_allclose(updates["w"], [-0.3 / 1.3, -0.4 / 1.4], rtol=1e-6)
+
+
+def test_the_mixing_head_learning_rate_scale_scales_only_its_updates():
+    """Three AdamW steps with the head's rate x4 against a plain numpy AdamW per leaf: the head
+    moves as with lr 4 x 0.1 (its weight decay too), every other leaf as with lr 0.1."""
+    params = {"decoder": {"w": jnp.array([1.0, -2.0])},
+              "mixing_head": {"out": {"kernel": jnp.array([0.5, 0.25])}}}
+    grads = [{"decoder": {"w": jnp.array([0.3, -0.1]) * (i + 1)},
+              "mixing_head": {"out": {"kernel": jnp.array([-0.2, 0.4]) / (i + 1)}}}
+             for i in range(3)]
+    opt = optim.make_optimizer(config(learning_rate=0.1, warmup_steps=0, weight_decay=0.5,
+                                      grad_clip_norm=0.0, mixing_head_lr_scale=4.0), 10)
+    state, p = opt.init(params), params
+    for g in grads:
+        updates, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+
+    def numpy_adamw(x, gs, lr):
+        x, m, v = np.array(x, float), 0.0, 0.0
+        for t, g in enumerate(gs, 1):
+            g = np.asarray(g, float)
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+            step = (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+            x = x - lr * (step + 0.5 * x)
+        return x
+
+    np.testing.assert_allclose(p["decoder"]["w"], numpy_adamw(
+        params["decoder"]["w"], [g["decoder"]["w"] for g in grads], 0.1), rtol=1e-5)
+    np.testing.assert_allclose(p["mixing_head"]["out"]["kernel"], numpy_adamw(
+        params["mixing_head"]["out"]["kernel"],
+        [g["mixing_head"]["out"]["kernel"] for g in grads], 0.4), rtol=1e-5)
+    with pytest.raises(ValueError, match="mixing_head_lr_scale"):
+        optim.make_optimizer(config(mixing_head_lr_scale=0.0), 10)

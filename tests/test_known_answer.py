@@ -1,0 +1,280 @@
+"""The known-answer task: its rows against plain Python, its tokenizer, the arms' configs, the
+verdict rule case by case, and a short run of the whole experiment (base model, predictor check,
+three arms) in which Quiet-STaR must learn to use its thoughts."""
+
+import itertools
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from test_sharding import subprocess_env
+
+from qstar_jax import (
+    base_model,
+    data,
+    experiment,
+    heldout,
+    known_answer,
+    predictor_check,
+    report,
+)
+from qstar_jax import tokenizer as tk
+from qstar_jax.model import ModelConfig, init_params
+from qstar_jax.objective import quiet_star_loss
+from qstar_jax.rollout import rollout
+from qstar_jax.thoughts import QuietStarConfig, add_thought_params
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import known_answer as known_answer_config  # noqa: E402  configs/known_answer.py
+
+# ----------------------------------------------------------------------------- the task
+
+
+def test_rows_against_plain_python():
+    rng = random.Random(1)
+    for _ in range(200):
+        digits = [rng.randrange(10) for _ in range(rng.randrange(2, 9))]
+        answer = sum(digits) % 10
+        sums = [s % 10 for s in itertools.accumulate(digits)]
+        text = "".join(str(d) for d in digits)
+        assert known_answer.bare(digits) == f"{text}={answer}"
+        assert known_answer.worked(digits) == f"{text}=|{''.join(map(str, sums))}|{answer}"
+    assert known_answer.worked([3, 5, 8, 2]) == "3582=|3868|8"  # by hand
+
+
+def task_data(**changes) -> ml_collections.ConfigDict:
+    c = known_answer_config.get_config().data
+    c.update(changes)
+    return c
+
+
+def test_splits_hold_out_whole_problems_bare():
+    config = task_data(num_synthetic=3000, worked_fraction=0.5, heldout_fraction=0.1)
+    train, held = data.load_splits(config)
+    problem = lambda row: row.split("=")[0]  # noqa: E731
+    assert held and all("|" not in row for row in held)
+    assert not {problem(r) for r in held} & {problem(r) for r in train}
+    worked = np.mean(["|" in row for row in train])
+    assert 0.45 < worked < 0.55
+    assert all(len(problem(r)) == config.steps for r in train + held)
+    bare_train, _ = data.load_splits(task_data(num_synthetic=3000, worked_fraction=0.0,
+                                               heldout_fraction=0.1))
+    assert all("|" not in row for row in bare_train)
+    with pytest.raises(ValueError, match="data.steps"):
+        data.load_splits(ml_collections.ConfigDict({**data.default_config().to_dict(),
+                                                    "source": "known_answer"}))
+
+
+def test_tokenizer_is_one_id_per_character(tmp_path):
+    known_answer.save_tokenizer(str(tmp_path))
+    tok = tk.load(str(tmp_path))
+    text = "3582=|3868|8"
+    assert tok.encode(text) == [known_answer.VOCABULARY.index(c) for c in text]
+    assert tok.decode(tok.encode(text)) == text
+    assert (tok.pad_id, tok.eos_id) == (known_answer.ID["<pad>"], known_answer.ID["<eos>"])
+    assert (tok.start_thought_id, tok.end_thought_id) == (14, 15)
+
+
+def test_correct_steps_are_the_running_sums():
+    rows = np.asarray([[known_answer.ID[c] for c in known_answer.bare(d)]
+                       for d in ([3, 5, 8, 2], [9, 9, 9, 9])])
+    steps = known_answer.correct_steps(rows, 4)
+    assert known_answer.answer_positions(rows)[:, 4].all()
+    decode = lambda ids: "".join(known_answer.VOCABULARY[i] for i in ids)  # noqa: E731
+    assert [decode(steps[0, 4]), decode(steps[1, 4])] == ["3868", "9876"]
+    assert (steps[:, :4] == known_answer.ID["<pad>"]).all()
+
+
+# ----------------------------------------------------------------------------- the arms
+
+
+def flat(config: ml_collections.ConfigDict) -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update({f"{key}.{k}": v for k, v in flat(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> set[str]:
+    fa, fb = flat(a), flat(b)
+    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
+
+
+@pytest.mark.parametrize("name", ["known_answer", "experiment"])
+def test_the_arms_differ_only_in_their_thought_settings(name):
+    config = __import__(name).get_config()
+    if "base_model" in config:
+        config = base_model.arm_config(config, "/some/base")
+    arms = {arm: experiment.arm_config(config, arm, seed=3) for arm in experiment.ARMS}
+    assert differences(arms["quiet_star"], config) == {"seed"}
+    control = differences(arms["control"], arms["quiet_star"])
+    assert "quiet_star.n_ahead" in control
+    assert control <= {"quiet_star.n_ahead", "quiet_star.n_ahead_talk"}
+    assert (arms["control"].quiet_star.n_ahead, arms["control"].quiet_star.n_ahead_talk) == (1, 1)
+    assert differences(arms["filler"], arms["quiet_star"]) == {"quiet_star.filler_thoughts"}
+
+
+def test_the_difficulty_is_one_key():
+    config = known_answer_config.get_config()
+    config.data.steps = 6
+    assert (config.seq_len, config.quiet_star.n_ahead, config.base_model.seq_len) == (9, 9, 17)
+    stage = base_model.stage_config(config)
+    assert differences(stage, base_model.arm_config(config, "x")) >= {"data.worked_fraction"}
+    assert stage.quiet_star.n_ahead == 1 and stage.data.worked_fraction == 0.5
+    assert "base_model" not in stage
+
+
+def test_filler_thoughts_are_exactly_pad_and_reinforce_nothing():
+    model = ModelConfig(vocab_size=18, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                        ffn_dim=32, remat_policy="none", scan_layers=False)
+    base = model.replace(vocab_size=16)
+    model_cfg, params = add_thought_params(init_params(base, jax.random.key(0)), base, 3,
+                                           jax.random.key(1))
+    cfg = QuietStarConfig(model=model_cfg, start_thought_id=16, end_thought_id=17, pad_id=5,
+                          n_ahead=6, n_ahead_talk=2, filler_thoughts=True, remat_passes=False)
+    tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 16)
+    ro = rollout(params, tokens, tokens >= 0, jax.random.key(3), cfg)
+    assert ro.thought_tokens.shape == (2, 2, 9, 3)
+    assert (np.asarray(ro.thought_tokens) == 5).all()
+    loss, metrics = quiet_star_loss(params, {"tokens": tokens}, jax.random.key(3), cfg)
+    np.testing.assert_allclose(loss, metrics["nll"], rtol=1e-6)  # no policy term
+
+
+# ----------------------------------------------------------------------------- the verdict
+
+
+def plain_verdict(d, min_seeds=experiment.MIN_SEEDS, every_seed=True, ddof=1) -> bool:
+    """The rule as the README states it, each condition one argument that can be dropped."""
+    d = np.asarray(d, float)
+    se = d.std(ddof=ddof) / math.sqrt(d.size)
+    return bool(d.size >= min_seeds and (not every_seed or (d < 0).all())
+                and -d.mean() > 2 * se)
+
+
+@pytest.mark.parametrize("d, dropped", [
+    ([-0.52, -0.50], dict(min_seeds=2)),  # too few seeds; all else holds
+    ([-1.0] * 6 + [0.05], dict(every_seed=False)),  # mean beyond 2 SE, one seed against
+    ([-0.64, -0.28, -0.05], dict(ddof=0)),  # within 2 SE with n - 1, beyond it with n
+])
+def test_each_condition_of_the_verdict_decides_alone(d, dropped):
+    assert experiment.verdict(d)["holds"] is False
+    assert plain_verdict(d) is False
+    assert plain_verdict(d, **dropped) is True  # the case fails by this condition only
+
+
+def test_a_clear_win_holds():
+    assert experiment.verdict([-0.5, -0.6, -0.55])["holds"] is True
+
+
+# ----------------------------------------------------------------------------- a short run
+
+# configs/known_answer.py, shorter: 3 digits, a shorter base model, 60 Quiet-STaR steps.
+FINAL = 60
+RUN = {"data.steps": 3, "base_model.train_steps": 2500, "train_steps": FINAL, "eval_every": 30,
+       "log_every": 30, "checkpoint_every": FINAL, "eval_batches": 4}
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory) -> tuple[Path, dict]:
+    workdir = tmp_path_factory.mktemp("known") / "exp"
+    env = subprocess_env(1, tmp_path_factory.mktemp("cache"))
+    out = subprocess.run(
+        [sys.executable, "-m", "qstar_jax.experiment", f"--config={ROOT}/configs/known_answer.py",
+         f"--workdir={workdir}", "--seeds=0", *(f"--config.{k}={v}" for k, v in RUN.items())],
+        env=env, cwd=workdir.parent, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir, json.loads((workdir / "summary.json").read_text())
+
+
+def test_quiet_star_learns_to_use_its_thoughts(ran):
+    """Fails when REINFORCE, the mixing head or the talk loss is broken: with thinking, the
+    answer must become far more likely than without, and the thoughts must hold the steps."""
+    _, summary = ran
+    answers = summary["answer_tokens"]
+    loss = answers["loss"]
+    assert loss["quiet_star"] < loss["control"] - 0.5, loss
+    assert loss["quiet_star"] < loss["filler"] - 0.5, loss
+    assert loss["control"] > 1.5  # one pass cannot add the digits: near ln 10
+    assert answers["accuracy"]["quiet_star"] > 0.6, answers["accuracy"]
+    assert answers["curves"]["correct_steps"][-1] > 0.6, answers["curves"]["correct_steps"]
+
+
+def test_the_predictor_check_tells_right_thoughts_from_wrong(ran):
+    _, summary = ran
+    check = summary["predictor_check"]
+    right, wrong = check["correct"]["after"], check["wrong"]["after"]
+    assert right["answer_loss"] < wrong["answer_loss"] - 0.5, check
+    assert right["mixing_weight"] > wrong["mixing_weight"], check
+    assert check["correct"]["before"]["answer_loss"] > right["answer_loss"]  # the head learned
+
+
+def test_the_filler_arm_thinks_only_pad(ran):
+    workdir, _ = ran
+    arm = workdir / "seed_0" / "filler"
+    tok = tk.load(str(workdir / base_model.DIRECTORY / base_model.HF_DIR), embedding_rows=14)
+    thoughts = heldout.read_losses(str(arm), FINAL)["thoughts"]
+    assert thoughts.shape[-1] == 3 and (thoughts == tok.pad_id).all()
+    qs = heldout.read_losses(str(workdir / "seed_0" / "quiet_star"), FINAL)["thoughts"]
+    assert (qs != tok.pad_id).any()
+
+
+def test_the_answer_scores_read_the_saved_arrays(ran):
+    """The summary's answer loss and accuracy, worked out again from the saved per-token
+    arrays and rows with a plain loop."""
+    workdir, summary = ran
+    d = workdir / "seed_0" / "quiet_star"
+    rows = heldout.read_rows(str(d))
+    final = heldout.read_losses(str(d), FINAL)
+    tokens = rows["tokens"].reshape(-1, rows["tokens"].shape[-1])
+    mask = rows["mask"].reshape(tokens.shape)
+    losses, right, i = [], [], 0
+    for r in range(tokens.shape[0]):
+        for j in range(tokens.shape[1] - 1):
+            if not mask[r, j + 1]:
+                continue
+            if known_answer.VOCABULARY[tokens[r, j]] == "=":
+                losses.append(final["talk"][0][i])
+                right.append(final["think_argmax"][i] == tokens[r, j + 1])
+            i += 1
+    assert i == final["base"].size and len(losses) > 50
+    np.testing.assert_allclose(summary["answer_tokens"]["loss"]["quiet_star"], np.mean(losses),
+                               rtol=1e-5)
+    np.testing.assert_allclose(summary["answer_tokens"]["accuracy"]["quiet_star"],
+                               np.mean(right))
+
+
+def test_the_check_refuses_other_tasks():
+    with pytest.raises(ValueError, match="known-answer"):
+        predictor_check.from_config(__import__("experiment").get_config())
+
+
+def test_the_fast_head_preset_is_stable_with_a_faster_head():
+    from qstar_jax import config as config_lib
+    assert config_lib.quiet_star_defaults("fast_head") == config_lib.quiet_star_defaults("stable")
+    assert config_lib.optim_preset("fast_head") == {"mixing_head_lr_scale": 10.0}
+    assert config_lib.optim_preset("stable") == {}
+    c = known_answer_config.get_config()
+    assert c.optim.mixing_head_lr_scale == 10.0 and c.quiet_star.policy_loss_beta == 1.0
+    assert known_answer_config.get_config("stable").optim.mixing_head_lr_scale == 1.0
+    with pytest.raises(ValueError, match="preset 'fastest'"):
+        config_lib.optim_preset("fastest")
+
+
+def test_the_report_shows_the_three_arms_and_the_answers(ran):
+    workdir, summary = ran
+    page = (workdir / "report.html").read_text()
+    assert page.count("<img") == len(report.PLOTS) + 1
+    assert f'alt="{report.ANSWER_PLOT}"' in page
+    assert "Predictor check" in page and summary["answer_tokens"]["verdict_line"] in page
+    assert summary["table_header"][5] == "filler with its thoughts"
