@@ -273,6 +273,8 @@ def test_a_rerun_trains_nothing_and_reports_the_same(ran, tmp_path_factory):
     (["--seeds=1,1"], "name distinct seeds"),
     (["--config.quiet_star.n_ahead=1", "--config.quiet_star.n_ahead_talk=1"],
      "the Quiet-STaR arm needs thoughts"),
+    (["--arms=quiet_star,control,shuffled"], "--arms: unknown arm(s) shuffled"),
+    (["--arms=quiet_star,filler"], "--arms: control is needed"),
 ])
 def test_bad_arguments_are_one_line(args, message, tmp_path):
     out = subprocess.run([sys.executable, "-m", "qstar_jax.experiment",

@@ -278,3 +278,17 @@ def test_the_report_shows_the_three_arms_and_the_answers(ran):
     assert f'alt="{report.ANSWER_PLOT}"' in page
     assert "Predictor check" in page and summary["answer_tokens"]["verdict_line"] in page
     assert summary["table_header"][5] == "filler with its thoughts"
+
+
+def test_a_base_model_trained_otherwise_is_refused(ran):
+    workdir, _ = ran
+    config = known_answer_config.get_config()
+    for key, value in RUN.items():
+        section, _, name = key.rpartition(".")
+        (config[section] if section else config)[name] = value
+    assert base_model.prepare(config, str(workdir)).endswith(base_model.HF_DIR)  # the same
+    config.quiet_star.init_text = "="  # an arm's setting: the same base model
+    base_model.prepare(config, str(workdir))
+    config.base_model.learning_rate = 1e-2
+    with pytest.raises(ValueError, match="trained with other settings .*optim.learning_rate"):
+        base_model.prepare(config, str(workdir))
