@@ -186,11 +186,10 @@ def answer_scores(dirs: dict[str, str], curves: dict[str, list[dict]],
     loss, accuracy, correct = {}, {}, []
     for arm, d in dirs.items():
         per_step = [heldout.read_losses(d, s) for s in steps]
-        thinks = arm != "control"
-        loss[arm] = [float((x["talk"][0] if thinks else x["base"])[answer].mean())
-                     for x in per_step]
-        accuracy[arm] = [float(np.mean((x["think_argmax"] if thinks else x["base_argmax"])[answer]
-                                       == at["target"][answer])) for x in per_step]
+        # With thinking; a model that does not think (the control) scores its base pass there.
+        loss[arm] = [float(x["talk"][0][answer].mean()) for x in per_step]
+        accuracy[arm] = [float(np.mean(x["think_argmax"][answer] == at["target"][answer]))
+                         for x in per_step]
         if arm == "quiet_star":
             correct = [float(np.mean(np.all(x["thoughts"][answer] == right_nS, -1)))
                        for x in per_step]

@@ -34,13 +34,13 @@ def forced_thoughts(tokens_NL: np.ndarray, cfg: QuietStarConfig, kind: str,
                     passes: int) -> np.ndarray:
     """Thought tokens [N, P, L, S]: at each "=" the right steps ("correct") or those of the
     next row ("wrong", a different problem), the same in every rationale."""
-    right_NLS = known_answer.correct_steps(tokens_NL, cfg.n_sampled)
-    if kind == "wrong":
-        right_NLS = np.roll(right_NLS, 1, axis=0)
-        if len(right_NLS) < 2:
-            raise ValueError("a wrong thought needs at least 2 rows (another problem's steps)")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    right_NLS = known_answer.correct_steps(tokens_NL, cfg.n_sampled)
+    if kind == "wrong":
+        if len(right_NLS) < 2:
+            raise ValueError("a wrong thought needs at least 2 rows (another problem's steps)")
+        right_NLS = np.roll(right_NLS, 1, axis=0)
     return np.repeat(right_NLS[:, None], passes, axis=1)
 
 

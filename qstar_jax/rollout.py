@@ -35,6 +35,7 @@ from qstar_jax.thoughts import (
     head_rows,
     hidden_passing,
     lm_logits,
+    mask_thought_logits,
     mix,
     speakable_head,
     speakable_index,
@@ -61,6 +62,7 @@ class Rollout:
     # thought_temperature: near 0 when thoughts collapse onto fixed tokens
     thought_entropy: jax.Array
     talk_logits: jax.Array | None = None  # [B, P, T, L, V], when asked
+    talk_argmax: jax.Array | None = None  # [B, P, T, L] the most likely speakable token, when asked
 
 
 def shifted(x_BL: jax.Array, t: int, fill=0) -> jax.Array:
@@ -180,16 +182,21 @@ def _talk_step(cfg: QuietStarConfig, prefix: ChainPrefix, params: Params, base_k
     return params, buffer, carry, mix(params, cfg, inputs.h_base_RLD, h_RLD)
 
 
-def _talk_head(params: Params, cfg: QuietStarConfig,
-               xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """One talk offset's logits [R, L, V] and target log-probs [R, L].
+def _talk_head(params: Params, cfg: QuietStarConfig, argmax: bool,
+               xs: tuple[jax.Array, jax.Array]
+               ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """One talk offset's logits [R, L, V], target log-probs [R, L] and, with `argmax`, the most
+    likely token other than the thought tokens [R, L] (read here, so that an evaluation does not
+    keep every offset's logits).
 
     Offset by offset: the head's weight gradient then transposes one [R * L, V] logit gradient
     at a time, which is fast on a CPU (in an XLA CPU trace, one [2048, 32002] transposition took
     654 ms, four [512, 32002] ones 69 ms in all)."""
     h_mix_RLD, targets_RL = xs
     logits_RLV = lm_logits(params, cfg, h_mix_RLD)
-    return logits_RLV, token_logprob(logits_RLV, targets_RL)
+    most_likely = (jnp.argmax(mask_thought_logits(logits_RLV, cfg), -1).astype(jnp.int32)
+                   if argmax else None)
+    return logits_RLV, token_logprob(logits_RLV, targets_RL), most_likely
 
 
 # ----------------------------------------------------------------------------- phases
@@ -197,7 +204,7 @@ def _talk_head(params: Params, cfg: QuietStarConfig,
 
 def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.Array,
             cfg: QuietStarConfig, thought_tokens: jax.Array | None = None,
-            return_talk_logits: bool = False) -> Rollout:
+            return_talk_logits: bool = False, return_talk_argmax: bool = False) -> Rollout:
     """Base pass once, then the chain passes of every position in parallel for each rationale.
 
     The chain of position j sees the base keys x[0..j] (one shared causal prefix) and its own
@@ -224,7 +231,7 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
     # Every row of a rationale reads the same base keys.
     p = cfg.n_passes
     if cfg.filler_thoughts and thought_tokens is None:
-        thought_tokens = np.full((b, p, length, cfg.n_sampled), cfg.pad_id, np.int32)
+        thought_tokens = jnp.full((b, p, length, cfg.n_sampled), cfg.pad_id, jnp.int32)
     forced_SRL = None if thought_tokens is None else _forced_rows(thought_tokens, cfg)
     positions_RL = _every_rationale(positions_BL, p)
     prefix = ChainPrefix(positions_RL, positions_RL, _every_rationale(mask_BL, p))
@@ -234,9 +241,9 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
 
     buffer, think, params = _think_passes(params, cfg, prefix, base_kv_R, buffer, rng,
                                           forced_SRL)
-    talk_logits_TRLV, talk_logprobs_TRL, w_TRL = _talk_passes(
+    talk_logits_TRLV, talk_logprobs_TRL, w_TRL, argmax_TRL = _talk_passes(
         params, cfg, prefix, base_kv_R, buffer, _every_rationale(tokens_BL, p),
-        _every_rationale(h_base_BLD, p))
+        _every_rationale(h_base_BLD, p), return_talk_argmax)
 
     per_token = lambda x_SRL: jnp.moveaxis(_by_sequence(x_SRL, p), 2, -1)  # noqa: E731 [B, P, L, S]
     return Rollout(
@@ -247,6 +254,7 @@ def rollout(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.A
         mixing_weights=_by_sequence(w_TRL, p),
         thought_entropy=per_token(think.entropy_RL),
         talk_logits=_by_sequence(talk_logits_TRLV, p) if return_talk_logits else None,
+        talk_argmax=_by_sequence(argmax_TRL, p) if return_talk_argmax else None,
     )
 
 
@@ -304,11 +312,13 @@ def _think_passes(params: Params, cfg: QuietStarConfig, prefix: ChainPrefix,
 
 def _talk_passes(params: Params, cfg: QuietStarConfig, prefix: ChainPrefix,
                  base_kv_R: KeyValues, buffer: KeyValues, tokens_RL: jax.Array,
-                 h_base_RLD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 h_base_RLD: jax.Array, argmax: bool = False
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Passes n_ahead - 1 ..: the end token, then the true tokens x[j + 1], x[j + 2], ...
 
     The state of talk offset t is mixed with the base state at j + t and scored against
-    x[j + 1 + t]: logits [T, R, L, V], target log-probs [T, R, L], mixing weights [T, R, L].
+    x[j + 1 + t]: logits [T, R, L, V], target log-probs [T, R, L], mixing weights [T, R, L],
+    and with `argmax` the most likely tokens [T, R, L] (else None).
     """
     t_talk = cfg.n_ahead_talk
     _, end_D = start_end_embeddings(params, cfg)
@@ -321,9 +331,9 @@ def _talk_passes(params: Params, cfg: QuietStarConfig, prefix: ChainPrefix,
     step = functools.partial(_talk_step, cfg, prefix)
     params, _, _, (h_mix_TRLD, w_TRL) = _pass_scan(cfg)(step, params, base_kv_R, buffer, (),
                                                         inputs)
-    logits_TRLV, logprobs_TRL = jax.lax.map(functools.partial(_talk_head, params, cfg),
-                                            (h_mix_TRLD, targets_TRL))
-    return logits_TRLV, logprobs_TRL, w_TRL
+    logits_TRLV, logprobs_TRL, argmax_TRL = jax.lax.map(
+        functools.partial(_talk_head, params, cfg, argmax), (h_mix_TRLD, targets_TRL))
+    return logits_TRLV, logprobs_TRL, w_TRL, argmax_TRL
 
 
 # ----------------------------------------------------------------------------- policy gradient

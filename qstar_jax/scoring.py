@@ -48,19 +48,16 @@ def token_losses(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: 
                  cfg: QuietStarConfig, talk_offsets: bool = True) -> TokenLosses:
     """Per-token losses of a batch [B, L] (`cfg` as trained; see `evaluation_config`)."""
     cfg = evaluation_config(cfg, talk_offsets)
-    ro = rollout(params, tokens_BL, mask_BL, rng, cfg, return_talk_logits=cfg.thinks)
+    ro = rollout(params, tokens_BL, mask_BL, rng, cfg, return_talk_argmax=cfg.thinks)
     t_talk = cfg.n_ahead_talk if cfg.thinks else 1
     valid_BTL = jnp.stack([shifted(mask_BL, t + 1, False) for t in range(t_talk)], 1)
     base_BL = jnp.where(valid_BTL[:, 0],
                         -token_logprob(ro.base_logits, shifted(tokens_BL, 1)), 0.0)
     talk_BTL = -ro.talk_logprobs[:, 0] if cfg.thinks else base_BL[:, None]
-    most_likely = lambda logits: jnp.argmax(mask_thought_logits(logits, cfg), -1).astype(  # noqa: E731
-        jnp.int32)
-    base_argmax = most_likely(ro.base_logits)
+    base_argmax = jnp.argmax(mask_thought_logits(ro.base_logits, cfg), -1).astype(jnp.int32)
     return TokenLosses(base=base_BL, talk=jnp.where(valid_BTL, talk_BTL, 0.0), valid=valid_BTL,
                        thoughts=ro.thought_tokens[:, 0], base_argmax=base_argmax,
-                       think_argmax=most_likely(ro.talk_logits[:, 0, 0]) if cfg.thinks
-                       else base_argmax)
+                       think_argmax=ro.talk_argmax[:, 0, 0] if cfg.thinks else base_argmax)
 
 
 def next_token_logits(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: jax.Array,

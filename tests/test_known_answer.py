@@ -24,6 +24,7 @@ from qstar_jax import (
     known_answer,
     predictor_check,
     report,
+    scoring,
 )
 from qstar_jax import tokenizer as tk
 from qstar_jax.model import ModelConfig, init_params
@@ -149,6 +150,28 @@ def test_filler_thoughts_are_exactly_pad_and_reinforce_nothing():
     assert (np.asarray(ro.thought_tokens) == 5).all()
     loss, metrics = quiet_star_loss(params, {"tokens": tokens}, jax.random.key(3), cfg)
     np.testing.assert_allclose(loss, metrics["nll"], rtol=1e-6)  # no policy term
+
+
+def test_the_saved_most_likely_tokens_are_the_argmax_of_the_logits():
+    """`token_losses`' argmax fields against numpy's argmax of the logits that
+    `next_token_logits` returns (its own rollout, with all talk logits), thought ids excluded."""
+    model = ModelConfig(vocab_size=18, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                        ffn_dim=32, remat_policy="none", scan_layers=False)
+    base = model.replace(vocab_size=16)
+    model_cfg, params = add_thought_params(init_params(base, jax.random.key(4)), base, 3,
+                                           jax.random.key(5))
+    params["mixing_head"] = jax.tree.map(lambda x: x + 0.05, params["mixing_head"])  # w != 0
+    cfg = QuietStarConfig(model=model_cfg, start_thought_id=16, end_thought_id=17, pad_id=5,
+                          n_ahead=5, n_ahead_talk=2, greedy_thoughts=True, remat_passes=False)
+    tokens = jax.random.randint(jax.random.key(6), (2, 9), 0, 16)
+    mask = tokens >= 0
+    losses = scoring.token_losses(params, tokens, mask, jax.random.key(7), cfg)
+    base_logits, think_logits = scoring.next_token_logits(params, tokens, mask,
+                                                          jax.random.key(7), cfg)
+    speak = lambda x: np.asarray(x)[..., :16].argmax(-1)  # noqa: E731  ids 16, 17: thoughts
+    np.testing.assert_array_equal(losses.base_argmax, speak(base_logits))
+    np.testing.assert_array_equal(losses.think_argmax, speak(think_logits))
+    assert (speak(think_logits) != speak(base_logits)).any()  # the two really differ
 
 
 # ----------------------------------------------------------------------------- the verdict
