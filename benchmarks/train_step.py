@@ -5,6 +5,7 @@
                                     [--no_remat_passes] [--plain]
     python benchmarks/train_step.py --against DIR [--pairs 8]
     python benchmarks/train_step.py --against_authors DIR [--authors_python PY] [--pairs 8]
+    python benchmarks/train_step.py --rlp [--config cpu] [--pairs 8]
     python benchmarks/train_step.py --check
 
 A step is the loss (thoughts sampled), its gradient and the AdamW update of `qstar_jax.optim`,
@@ -16,14 +17,18 @@ step, the rise of the process's peak RSS, FLOP counts, MFU where the device's pe
 the naive step's time and memory over ours. `--against DIR` times our step built from this
 checkout and from the checkout DIR in two processes whose steps alternate, and prints the paired
 ratio; `--against_authors DIR` does the same with the authors' own code (`authors_step.py`).
-`--check` prints how far both naive forms' losses and gradients are from ours on a tiny
-model with forced thoughts. See README.md.
+`--rlp` compiles the training step of `qstar_jax.steps` for both objectives (RLP keeps and
+updates its EMA copy), prints XLA's memory analysis of each and times them in alternating steps
+of one process, so that other load on the machine slows both alike. `--check` prints how far
+both naive forms' losses and gradients are from ours on a tiny model with forced thoughts. See
+README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -40,7 +45,7 @@ import numpy as np
 import optax
 from naive_rollout import naive_loss  # benchmarks/ is on the path when run as a script
 
-from qstar_jax import optim
+from qstar_jax import optim, steps
 from qstar_jax.model import ModelConfig, init_params
 from qstar_jax.objective import quiet_star_loss
 from qstar_jax.thoughts import N_THOUGHT_TOKENS, QuietStarConfig, add_thought_params
@@ -400,6 +405,47 @@ def check() -> dict:
     return out
 
 
+def against_rlp(name: str, pairs: int, remat_passes: bool) -> dict:
+    """The train step (`steps.train_step`) under objective "rlp" against "quiet_star": XLA's
+    memory analysis of each, and `pairs` steps of each, alternating."""
+    _, cfg, init, optimizer, batch = prepare(name, remat_passes)
+    batch_ABL = jax.tree.map(lambda x: x[None], batch)
+    result, compiled, states = {"config": name, "device": jax.devices()[0].device_kind}, {}, {}
+    for objective in ("quiet_star", "rlp"):
+        cfg_o = cfg.replace(objective=objective)
+        params = init(jax.random.key(0))
+        state = {"params": params, "opt_state": optimizer.init(params),
+                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)}
+        if objective == "rlp":
+            state["ema_params"] = jax.tree.map(jnp.copy, params)
+        step = jax.jit(functools.partial(steps.train_step, cfg=cfg_o, optimizer=optimizer),
+                       donate_argnums=0, compiler_options=steps.CPU_COMPILER_OPTIONS)
+        start = time.perf_counter()
+        compiled[objective] = step.lower(state, batch_ABL).compile()
+        mem = compiled[objective].memory_analysis()
+        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes)
+        result[objective] = {"compile_s": round(time.perf_counter() - start, 1),
+                             "argument_gib": round(mem.argument_size_in_bytes / 2 ** 30, 4),
+                             "temp_gib": round(mem.temp_size_in_bytes / 2 ** 30, 4),
+                             "peak_gib": round(peak / 2 ** 30, 4), "times": []}
+        states[objective], _ = jax.block_until_ready(compiled[objective](state, batch_ABL))
+    for _ in range(pairs):
+        for objective in ("quiet_star", "rlp"):
+            start = time.perf_counter()
+            states[objective], _ = jax.block_until_ready(
+                compiled[objective](states[objective], batch_ABL))
+            result[objective]["times"].append(time.perf_counter() - start)
+    for objective in ("quiet_star", "rlp"):
+        times = result[objective].pop("times")
+        result[objective].update(step_s=round(float(np.median(times)), 4),
+                                 step_s_range=[round(min(times), 3), round(max(times), 3)])
+    result["rlp_over_quiet_star"] = {"step_time": round(
+        result["rlp"]["step_s"] / result["quiet_star"]["step_s"], 3), "peak_memory": round(
+        result["rlp"]["peak_gib"] / result["quiet_star"]["peak_gib"], 3)}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -430,6 +476,9 @@ def main() -> None:
                         help="python of the authors' environment (authors_step.py)")
     parser.add_argument("--pairs", type=int, default=8,
                         help="steps per side with --against or --against_authors (default 8)")
+    parser.add_argument("--rlp", action="store_true",
+                        help="the train step under objective rlp against quiet_star: memory, "
+                        "and --pairs steps of each, alternating")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # --against's
     parser.add_argument("--check", action="store_true",
                         help="compare the naive losses and gradients with ours, then exit")
@@ -439,6 +488,10 @@ def main() -> None:
         return
     if args.serve:
         serve(args.config, not args.no_remat_passes)
+        return
+    if args.rlp:
+        print(json.dumps(against_rlp(args.config, args.pairs, not args.no_remat_passes),
+                         indent=2))
         return
     if args.against:
         print(json.dumps(against_checkout(args.config, args.against, args.pairs,

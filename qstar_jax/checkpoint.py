@@ -2,7 +2,8 @@
 from the newest readable one, save and stop on SIGTERM, and read a saved step's parameters back.
 
 A step holds three items: "params", "train" (optimizer state, step, rng) and "data" (the grain
-iterator's position), so a resumed run continues exactly where the saved one was. An unreadable
+iterator's position), and for RLP a fourth, "ema" (the no-think baseline's parameters), so a
+resumed run continues exactly where the saved one was. An unreadable
 newest step is set aside (never deleted) and the one before it used; if none is readable the run
 stops with an error naming them, rather than silently starting afresh. Reading parameters back
 (for export or use) skips unreadable steps the same way, without moving them.
@@ -61,8 +62,18 @@ def _quiet_restore_noise() -> None:
     sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
-def _split(state: dict) -> tuple[Any, dict]:
-    return state["params"], {k: v for k, v in state.items() if k != "params"}
+ITEMS = {"params": "params", "ema_params": "ema"}  # state entries saved as their own items
+
+
+def _split(state: dict) -> tuple[dict, dict]:
+    """The state as (its own items by item name, the "train" item: everything else)."""
+    own = {item: state[key] for key, item in ITEMS.items() if key in state}
+    return own, {k: v for k, v in state.items() if k not in ITEMS}
+
+
+def _joined(restored: Any, items: list[str]) -> dict:
+    by_item = {item: key for key, item in ITEMS.items()}
+    return {**{by_item[item]: restored[item] for item in items}, **restored.train}
 
 
 def _newest_readable(steps: list[int], restore: Callable[[int], Any]
@@ -123,7 +134,7 @@ class Checkpoints:
             # only when it is below the bound, so the bound is one byte more than the largest.
             bounded = lambda: ocp.StandardCheckpointHandler(  # noqa: E731
                 save_concurrent_gb=(self._largest_array + 1) / 1e9)
-            handlers = {"params": bounded(), "train": bounded(),
+            handlers = {**{item: bounded() for item in ITEMS.values()}, "train": bounded(),
                         "data": grain.checkpoint.CheckpointHandler()}
         return ocp.CheckpointManager(self.workdir / CHECKPOINT_DIR, options=options,
                                      item_handlers=handlers)
@@ -144,20 +155,21 @@ class Checkpoints:
     def save(self, step: int, state: dict, data_iter: grain.DatasetIterator) -> None:
         """Start saving `state` (returns once it is copied off the devices and writes continue;
         on CPU once it is written)."""
-        params, train = _split(state)
+        own, train = _split(state)
         self._manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-            data=grain.checkpoint.CheckpointSave(data_iter)))
+            **{item: ocp.args.StandardSave(tree) for item, tree in own.items()},
+            train=ocp.args.StandardSave(train), data=grain.checkpoint.CheckpointSave(data_iter)))
         if self._synchronous:  # written: hand back the heap pages its buffers left
             host_memory.release()
 
     def restore(self, abstract_state: dict, data_iter: grain.DatasetIterator) -> dict | None:
         """The newest readable state (data_iter moved to its position), or None if none saved."""
-        params, train = _split(abstract_state)
+        own, train = _split(abstract_state)
         step, restored, failed = _newest_readable(
             sorted(self.steps(), reverse=True),
             lambda step: self._manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params), train=ocp.args.StandardRestore(train),
+                **{item: ocp.args.StandardRestore(tree) for item, tree in own.items()},
+                train=ocp.args.StandardRestore(train),
                 data=grain.checkpoint.CheckpointRestore(data_iter))))
         _warn_unreadable(self._manager.directory, failed)
         if step is None:
@@ -168,7 +180,7 @@ class Checkpoints:
         if failed:
             self._set_aside([s for s, _ in failed])
             logging.warning("resuming from step %d instead", step)
-        return {"params": restored.params, **restored.train}
+        return _joined(restored, list(own))
 
     def _set_aside(self, steps: list[int]) -> None:
         """Move unreadable steps out of the manager's way (to SET_ASIDE_DIR), keeping them."""
@@ -254,8 +266,10 @@ def saved_step(workdir: str, step: int | None = None) -> int:
             manager.close()
 
 
-def restore_params(workdir: str, step: int | None, abstract_params: Any) -> tuple[int, Any]:
-    """(step, parameters) of a saved step, gathered onto the host CPU.
+def restore_params(workdir: str, step: int | None, abstract_params: Any,
+                   item: str = "params") -> tuple[int, Any]:
+    """(step, parameters) of a saved step, gathered onto the host CPU; `item` "ema": an RLP
+    run's EMA parameters instead.
 
     `step` None: the newest readable step; each unreadable newer one is a warning and is left
     where it is. A given `step` that cannot be read is a CheckpointError naming it.
@@ -271,7 +285,7 @@ def restore_params(workdir: str, step: int | None, abstract_params: Any) -> tupl
             found, restored, failed = _newest_readable(
                 saved if step is None else [step],
                 lambda s: manager.restore(s, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(target))))
+                    **{item: ocp.args.StandardRestore(target)})))
         finally:
             manager.close()
     if found is None and step is not None:
@@ -284,7 +298,7 @@ def restore_params(workdir: str, step: int | None, abstract_params: Any) -> tupl
         raise CheckpointError(_none_readable(manager.directory, failed))
     if failed:
         logging.warning("using step %d, the newest readable one", found)
-    return found, restored.params
+    return found, restored[item]
 
 
 def _absolute(workdir: str) -> epath.Path:

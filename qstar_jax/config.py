@@ -32,11 +32,15 @@ _NOT_SETTABLE = {"model", "start_thought_id", "end_thought_id", "pad_id"}  # fro
 # the model's rate the head, which starts at zero, is still near zero when the thoughts are
 # already good, and on the known-answer task the answer loss with thinking is 0.20 instead of
 # 0.46 nats (benchmarks/RESULTS.md, "Does the training learn to think?").
+# "rlp": the RLP objective (`rlp.py`), its options at their defaults (the paper's), on top of
+# "fast_head": an experiment under it differs from one under "fast_head" in the objective only
+# (the filler arm and the predictor check, trained with Quiet-STaR's NLL, read the rest).
 STABLE = {"policy_loss_beta": 1.0, "reinforce_temperature": 1.0}
 PRESETS = {
     "reference": {},
     "stable": STABLE,
     "fast_head": {**STABLE, "optim": {"mixing_head_lr_scale": 10.0}},
+    "rlp": {**STABLE, "optim": {"mixing_head_lr_scale": 10.0}, "objective": "rlp"},
 }
 
 

@@ -21,8 +21,9 @@ def _run_from_gguf(args: argparse.Namespace) -> None:
 
 
 def _run_to_hf(args: argparse.Namespace) -> None:
-    step = loading.export_checkpoint(args.checkpoint, args.step, args.out, args.dtype)
-    print(f"wrote step {step} of {args.checkpoint} to {args.out} ({args.dtype})")
+    step = loading.export_checkpoint(args.checkpoint, args.step, args.out, args.dtype, args.ema)
+    what = "the EMA parameters of step" if args.ema else "step"
+    print(f"wrote {what} {step} of {args.checkpoint} to {args.out} ({args.dtype})")
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
@@ -49,6 +50,8 @@ def _add_to_hf(verbs) -> None:
     p.add_argument("--step", type=int, default=None, help="saved step to export (default: newest)")
     p.add_argument("--out", required=True, help="new directory to write")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--ema", action="store_true",
+                   help="an RLP run: write its EMA parameters (the no-think baseline) instead")
     p.set_defaults(run=_run_to_hf)
 
 

@@ -24,7 +24,7 @@ from qstar_jax import checkpoint, data, hf_checkpoint, known_answer
 from qstar_jax import tokenizer as tokenizer_lib
 from qstar_jax.config import SIZE_KEYS, check_model_keys, quiet_star_config
 from qstar_jax.directories import copy_files, local_dir
-from qstar_jax.errors import CheckpointNotFoundError
+from qstar_jax.errors import CheckpointError, CheckpointNotFoundError
 from qstar_jax.gguf_checkpoint import demo_dir
 from qstar_jax.model import RUNTIME_FIELDS, ModelConfig, Params, init_params, is_quiet_star
 from qstar_jax.thoughts import N_THOUGHT_TOKENS, QuietStarConfig, add_thought_params
@@ -156,24 +156,32 @@ def read_tokenizer(directory: epath.Path) -> tokenizer_lib.Tokenizer:
 
 
 
-def load_run(workdir: str, step: int | None = None) -> tuple[int, Model, Params]:
-    """(step, model, parameters) of a saved step of a run (None: the newest readable one).
+def load_run(workdir: str, step: int | None = None, ema: bool = False
+             ) -> tuple[int, Model, Params]:
+    """(step, model, parameters) of a saved step of a run (None: the newest readable one);
+    `ema`: an RLP run's EMA parameters (its no-think baseline) instead of the model's.
 
     The model is rebuilt from the run's saved config.json, after a step is found to be saved.
     """
     config = checkpoint.load_config(workdir)
+    if ema and config.quiet_star.get("objective", "quiet_star") != "rlp":
+        raise CheckpointError(f"{workdir}: trained with objective="
+                              f"{config.quiet_star.get('objective', 'quiet_star')!r}, which keeps "
+                              "no EMA parameters (only objective='rlp' does); leave out --ema")
     checkpoint.saved_step(workdir, step)
     with jax.default_device(jax.devices("cpu")[0]):
         model = load_model(config, workdir)
-    step, params = checkpoint.restore_params(workdir, step, model.abstract_params())
+    step, params = checkpoint.restore_params(workdir, step, model.abstract_params(),
+                                             "ema" if ema else "params")
     return step, model, params
 
 
 def export_checkpoint(workdir: str, step: int | None, out_dir: str,
-                      dtype: str = "float32") -> int:
+                      dtype: str = "float32", ema: bool = False) -> int:
     """Write a saved step (None: the newest readable one) as a Hugging Face directory, with
-    tokenizer and Quiet-STaR settings; returns the step written."""
-    step, model, params = load_run(workdir, step)
+    tokenizer and Quiet-STaR settings; returns the step written. `ema`: an RLP run's EMA
+    parameters instead of the model's."""
+    step, model, params = load_run(workdir, step, ema)
     hf_checkpoint.to_hf(params, model.cfg.model, out_dir, tokenizer=model.tokenizer,
                         quiet_star=model.cfg, dtype=dtype)
     return step

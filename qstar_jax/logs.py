@@ -71,9 +71,13 @@ def duration(seconds: float) -> str:
 
 def progress(step: int, total: int, m: dict) -> str:
     """The progress line; with thoughts, the loss is split into its NLL and policy term (times
-    its weight), so that a growing policy term does not read as a diverging model."""
+    its weight), so that a growing policy term does not read as a diverging model. RLP's loss
+    is its policy term (and, when asked, a weighted NLL): its split names both, and the EMA
+    model's loss, its baseline."""
     talk = " ".join(f"{m[k]:.3f}" for k in sorted(m) if k.startswith("loss_talk_"))
-    thinking = (f"(nll {m['nll']:.4f} + policy {m['loss'] - m['nll']:.3g})  "
+    split = (f"(policy {m['policy_loss']:.3g}, nll {m['nll']:.4f}, ema {m['loss_ema']:.4f})  "
+             if "loss_ema" in m else f"(nll {m['nll']:.4f} + policy {m['loss'] - m['nll']:.3g})  ")
+    thinking = (split +
                 f"base {m['loss_base']:.4f}  talk [{talk}]  reward {m['reward_mean']:.4f}  "
                 f"w {m['mixing_weight_mean']:.3g}  ") if talk else ""
     return (f"step {step}/{total}  loss {m['loss']:.4f}  {thinking}|g| {m['grad_norm']:.3g}  "

@@ -1,4 +1,5 @@
-"""The Quiet-STaR objective: NLL of the base and talk passes plus the REINFORCE term on thoughts.
+"""The Quiet-STaR objective: NLL of the base and talk passes plus the REINFORCE term on thoughts
+(and the next-token losses that RLP, `rlp.py`, shares).
 
 Shapes: B batch, P rationales, T talk offsets, L positions, J = L - T - 1 rewarded positions,
 S sampled thought tokens.
@@ -6,15 +7,17 @@ S sampled thought tokens.
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from qstar_jax.model import Params
-from qstar_jax.rollout import rollout, shifted
+from qstar_jax.rollout import Rollout, rollout, shifted
 from qstar_jax.thoughts import QuietStarConfig, token_logprob
 
 
-def _masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
+def masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """The mean of `x` where `valid` (0 where nothing is)."""
     return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
@@ -48,46 +51,74 @@ def reinforce_terms(ce0_BL: jax.Array, ce_talk_BPTL: jax.Array, logprob_BPLS: ja
     return reward_BPJ, advantage_BPJ, policy_loss
 
 
-def quiet_star_loss(params: Params, batch: dict, rng: jax.Array, cfg: QuietStarConfig,
-                    thought_tokens: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """Loss and named scalar metrics for a batch {"tokens": int32 [B, L], "mask": bool [B, L]}."""
-    tokens_BL = batch["tokens"]
-    mask_BL = label_mask(batch, cfg)
-    ro = rollout(params, tokens_BL, mask_BL, rng, cfg, thought_tokens)
+@flax.struct.dataclass
+class NextTokenLosses:
+    """The cross-entropies of the true next tokens in one rollout, and the NLL term they make."""
 
-    # CE_0[j] = -log p_base(x[j+1]); zero where the label is ignored or past the end.
+    ce0_BL: jax.Array  # -log p_base(x[j+1]); 0 where the label is ignored or past the end
+    ce_talk_BPTL: jax.Array  # -log p(x[j+1+t]) after the thought at j; 0 likewise
+    valid_BTL: jax.Array  # bool: x[j+1+t] exists and counts
+    loss_base: jax.Array  # [] mean of ce0 over its valid labels
+    loss_talk_T: jax.Array  # [T] mean of each offset's talk CE over its valid labels
+    nll: jax.Array  # [] base_loss_beta * (w0 * loss_base + (1 - w0) * mean(loss_talk))
+
+
+def next_token_losses(ro: Rollout, tokens_BL: jax.Array, mask_BL: jax.Array,
+                      cfg: QuietStarConfig) -> NextTokenLosses:
+    """The base and talk cross-entropies of a rollout of a thinking model, and the NLL term."""
     next_valid_BL = shifted(mask_BL, 1, False)
     ce0_BL = jnp.where(next_valid_BL, -token_logprob(ro.base_logits, shifted(tokens_BL, 1)), 0.0)
-    loss_base = _masked_mean(ce0_BL, next_valid_BL)
-    metrics = {"loss_base": loss_base}
-    if not cfg.thinks:
-        loss = cfg.base_loss_beta * loss_base
-        zero = jnp.zeros(())
-        metrics.update(loss=loss, nll=loss, policy_loss=zero, reward_mean=zero,
-                       advantage_mean=zero, advantage_positive=zero, mixing_weight_mean=zero,
-                       thought_entropy=zero)
-        return loss, metrics
-
+    loss_base = masked_mean(ce0_BL, next_valid_BL)
     t_talk = cfg.n_ahead_talk
     # CE_talk_t[j] = -log p_mix(x[j+1+t]), label validity shifted likewise.
-    talk_valid_BTL = jnp.stack([shifted(mask_BL, t + 1, False) for t in range(t_talk)], 1)
-    talk_valid_BPTL = jnp.broadcast_to(talk_valid_BTL[:, None], ro.talk_logprobs.shape)
+    valid_BTL = jnp.stack([shifted(mask_BL, t + 1, False) for t in range(t_talk)], 1)
+    talk_valid_BPTL = jnp.broadcast_to(valid_BTL[:, None], ro.talk_logprobs.shape)
     ce_talk_BPTL = jnp.where(talk_valid_BPTL, -ro.talk_logprobs, 0.0)
-    loss_talk_T = jnp.stack([_masked_mean(ce_talk_BPTL[:, :, t], talk_valid_BPTL[:, :, t])
+    loss_talk_T = jnp.stack([masked_mean(ce_talk_BPTL[:, :, t], talk_valid_BPTL[:, :, t])
                              for t in range(t_talk)])
     w0 = cfg.original_loss_weight
     nll = cfg.base_loss_beta * (w0 * loss_base + (1 - w0) * jnp.mean(loss_talk_T))
+    return NextTokenLosses(ce0_BL, ce_talk_BPTL, valid_BTL, loss_base, loss_talk_T, nll)
 
+
+def no_thought_loss(params: Params, batch: dict, cfg: QuietStarConfig) -> tuple[jax.Array, dict]:
+    """A model that does not think: plain next-token training, base_loss_beta * CE (with every
+    metric of a thinking model, at 0 where it has no meaning)."""
+    tokens_BL = batch["tokens"]
+    ro = rollout(params, tokens_BL, label_mask(batch, cfg), jax.random.key(0), cfg)
+    next_valid_BL = shifted(label_mask(batch, cfg), 1, False)
+    ce0_BL = jnp.where(next_valid_BL, -token_logprob(ro.base_logits, shifted(tokens_BL, 1)), 0.0)
+    loss_base = masked_mean(ce0_BL, next_valid_BL)
+    loss = cfg.base_loss_beta * loss_base
+    zero = jnp.zeros(())
+    return loss, dict(loss_base=loss_base, loss=loss, nll=loss, policy_loss=zero,
+                      reward_mean=zero, advantage_mean=zero, advantage_positive=zero,
+                      mixing_weight_mean=zero, thought_entropy=zero)
+
+
+def quiet_star_loss(params: Params, batch: dict, rng: jax.Array, cfg: QuietStarConfig,
+                    thought_tokens: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Loss and named scalar metrics for a batch {"tokens": int32 [B, L], "mask": bool [B, L]}."""
+    if not cfg.thinks:
+        return no_thought_loss(params, batch, cfg)
+    tokens_BL = batch["tokens"]
+    ro = rollout(params, tokens_BL, label_mask(batch, cfg), rng, cfg, thought_tokens)
+    ce = next_token_losses(ro, tokens_BL, label_mask(batch, cfg), cfg)
     reward_BPJ, advantage_BPJ, policy_loss = reinforce_terms(
-        ce0_BL, ce_talk_BPTL, ro.thought_logprobs, cfg)
+        ce.ce0_BL, ce.ce_talk_BPTL, ro.thought_logprobs, cfg)
     # Filler thoughts are not drawn: there is no policy to reinforce.
-    loss = nll if cfg.filler_thoughts else nll + cfg.policy_loss_beta * policy_loss
-    metrics.update(
-        loss=loss, nll=nll, loss_talk=jnp.mean(loss_talk_T), policy_loss=policy_loss,
-        reward_mean=jnp.mean(reward_BPJ), advantage_mean=jnp.mean(advantage_BPJ),
+    loss = ce.nll if cfg.filler_thoughts else ce.nll + cfg.policy_loss_beta * policy_loss
+    return loss, dict(
+        loss_base=ce.loss_base, loss=loss, nll=ce.nll, loss_talk=jnp.mean(ce.loss_talk_T),
+        policy_loss=policy_loss, reward_mean=jnp.mean(reward_BPJ),
+        advantage_mean=jnp.mean(advantage_BPJ),
         advantage_positive=jnp.mean(advantage_BPJ > 0),  # share of thoughts reinforced
-        mixing_weight_mean=jnp.mean(ro.mixing_weights),
-        thought_entropy=jnp.mean(ro.thought_entropy) if cfg.n_sampled else jnp.zeros(()),
-        **{f"loss_talk_{t}": loss_talk_T[t] for t in range(t_talk)},
+        **rollout_metrics(ro, cfg),
+        **{f"loss_talk_{t}": ce.loss_talk_T[t] for t in range(cfg.n_ahead_talk)},
     )
-    return loss, metrics
+
+
+def rollout_metrics(ro: Rollout, cfg: QuietStarConfig) -> dict:
+    """The mixing weight's mean and the entropy of the thought tokens' distributions."""
+    return dict(mixing_weight_mean=jnp.mean(ro.mixing_weights),
+                thought_entropy=jnp.mean(ro.thought_entropy) if cfg.n_sampled else jnp.zeros(()))

@@ -52,7 +52,7 @@ class Rollout:
     base_logits: jax.Array  # [B, L, V] float32
     base_hidden: jax.Array  # [B, L, D]
     thought_tokens: jax.Array  # [B, P, L, S] int32
-    # [B, P, L, S] log-prob at reinforce_temperature; its gradient is exact for any cotangent,
+    # [B, P, L, S] log-prob at policy_temperature; its gradient is exact for any cotangent,
     # and cheapest with at most cfg.policy_rows nonzero rationales per position
     # (`policy_logprobs`)
     thought_logprobs: jax.Array
@@ -128,7 +128,7 @@ class ThinkOutputs:
     """What think passes give; each field stacked over the passes [S, R, L, ...]."""
 
     choice_RL: jax.Array  # the thought token drawn (or forced), as `speakable_index`
-    logprob_RL: jax.Array  # its log-prob at reinforce_temperature
+    logprob_RL: jax.Array  # its log-prob at policy_temperature
     h_RLD: jax.Array  # the chain state it was drawn from
     entropy_RL: jax.Array  # entropy of the distribution it was drawn from, at thought_temperature
 
@@ -164,7 +164,7 @@ def _think_step(cfg: QuietStarConfig, prefix: ChainPrefix, think_head_VD: jax.Ar
     else:
         choice_RL = choose_thought(logits, inputs.key, cfg)
     choice_RL = jax.lax.stop_gradient(choice_RL)
-    logprob_RL = token_logprob(logits, choice_RL, cfg.reinforce_temperature)
+    logprob_RL = token_logprob(logits, choice_RL, cfg.policy_temperature)
     x_next = embed_tokens(params, cfg, speakable_token(choice_RL, cfg))
     return params, buffer, x_next, ThinkOutputs(choice_RL, logprob_RL, h_RLD,
                                                 entropy(logits, cfg.thought_temperature))
@@ -341,7 +341,7 @@ def _talk_passes(params: Params, cfg: QuietStarConfig, prefix: ChainPrefix,
 
 def policy_logprobs(head_VD: jax.Array, h_SRLD: jax.Array, choices_SRL: jax.Array,
                     values_SRL: jax.Array, cfg: QuietStarConfig) -> jax.Array:
-    """`values` (the thought tokens' log-probs at reinforce_temperature) with their gradient.
+    """`values` (the thought tokens' log-probs at policy_temperature) with their gradient.
 
     `head_VD` is `speakable_head`'s rows and `choices` index `speakable_ids`. The gradient flows
     into the output head and the chain states `h` [S, R, L, D]. It is computed pass by pass on
@@ -351,7 +351,7 @@ def policy_logprobs(head_VD: jax.Array, h_SRLD: jax.Array, choices_SRL: jax.Arra
     log-probs) is seen in the backward pass, which then takes all P: the gradient is exact for
     any cotangent.
     """
-    temperature, p, m = cfg.reinforce_temperature, cfg.n_passes, cfg.policy_rows
+    temperature, p, m = cfg.policy_temperature, cfg.n_passes, cfg.policy_rows
 
     def logprob(head_VD, h, choices):
         return token_logprob(head_logits(head_VD, cfg, h), choices, temperature)

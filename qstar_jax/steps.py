@@ -19,13 +19,15 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from qstar_jax import host_memory, loading, optim, sharding
+from qstar_jax import host_memory, loading, optim, rlp, sharding
 from qstar_jax.model import Params
 from qstar_jax.objective import quiet_star_loss
 from qstar_jax.scoring import TokenLosses, token_losses
 from qstar_jax.thoughts import QuietStarConfig
 
-State = dict  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
+# {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}, and for RLP "ema_params": the
+# no-think baseline, shaped and sharded as "params"
+State = dict
 
 # On CPU a step's temporaries share RAM with everything else. XLA's default CPU schedule runs
 # independent work early for concurrency, which keeps the gradient buffers of every backward
@@ -52,10 +54,12 @@ def train_step(state: State, batch_ABL: dict, *, cfg: QuietStarConfig,
     rng, step_rng = jax.random.split(state["rng"])
     n_micro = batch_ABL["tokens"].shape[0]
     keys = jax.random.split(step_rng, n_micro)
+    loss_fn = (functools.partial(rlp.rlp_loss, ema_params=state["ema_params"])
+               if cfg.objective == "rlp" else quiet_star_loss)
 
     def accumulate(grad_sum, micro):
         micro_batch, key = micro
-        (_, metrics), grads = jax.value_and_grad(quiet_star_loss, has_aux=True)(
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, micro_batch, key, cfg)
         return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
@@ -67,6 +71,9 @@ def train_step(state: State, batch_ABL: dict, *, cfg: QuietStarConfig,
     metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1, "rng": rng}
+    if cfg.objective == "rlp":  # the baseline follows each update, one step behind
+        new_state["ema_params"] = rlp.ema_update(state["ema_params"], new_state["params"],
+                                                 cfg.ema_decay)
     return new_state, metrics
 
 
@@ -111,12 +118,18 @@ def build(config: ml_collections.ConfigDict, model: loading.Model, mesh: Mesh) -
     abstract = {"params": abstract_params, "opt_state": abstract_opt,
                 "step": jax.ShapeDtypeStruct((), jnp.int32),
                 "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    if cfg.objective == "rlp":
+        state_shardings["ema_params"] = param_shardings
+        abstract["ema_params"] = abstract_params
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract, state_shardings)
 
     def fresh_state(params, seed):
-        return {"params": params, "opt_state": optimizer.init(params),
-                "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
+        state = {"params": params, "opt_state": optimizer.init(params),
+                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(seed)}
+        if cfg.objective == "rlp":  # the baseline starts as the model (the paper's phi <- theta)
+            state["ema_params"] = jax.tree.map(jnp.copy, params)
+        return state
 
     def init_state(seed: int) -> State:
         """A new state, created directly sharded (random) or from host weights put leaf by leaf."""

@@ -29,6 +29,7 @@ from qstar_jax.model import (
 )
 
 N_THOUGHT_TOKENS = 2  # <|startthought|>, <|endthought|>
+OBJECTIVES = ("quiet_star", "rlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,17 @@ class QuietStarConfig:
     use_trice_baseline: bool = True
     mixing_sigmoid: bool = False
     remat_passes: bool = True  # rematerialise each chain pass in the backward pass
+    # "quiet_star" (the authors': NLL plus REINFORCE against the other rationales) or "rlp"
+    # (`rlp.py`: information gain against an EMA of the model without thoughts, a clipped
+    # group-relative update on the thought tokens only). The options below are RLP's.
+    objective: str = "quiet_star"
+    ema_decay: float = 0.999  # RLP: the no-think baseline's EMA, phi <- d * phi + (1 - d) * theta
+    # RLP: the prediction after a thought is mixed with the base state as Quiet-STaR's (True), or
+    # is the model's own prediction after the thought (False: the paper, which has no head)
+    rlp_mixing_head: bool = False
+    # RLP: weight of the NLL term (the base pass and talk passes, weighed by
+    # original_loss_weight) added to the RLP loss; 0 is the paper's (no next-token loss)
+    rlp_nll_weight: float = 0.0
 
     def __post_init__(self):
         if self.n_ahead > 1 and self.n_ahead < 3:
@@ -66,14 +78,46 @@ class QuietStarConfig:
                 f"n_ahead={self.n_ahead}: a thought needs n_ahead >= 3 (or 1 for no thoughts)")
         if self.n_ahead < 1 or self.n_ahead_talk < 1 or self.n_passes < 1:
             raise ValueError("n_ahead, n_ahead_talk and n_passes must be >= 1")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r}: expected one of {list(OBJECTIVES)}")
+        if self.objective == "rlp":
+            self._check_rlp()
         vocab = self.model.vocab_size
         for name in ("start_thought_id", "end_thought_id"):
             if not 0 <= getattr(self, name) < vocab:
                 raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary "
                                  f"({vocab}): the model has no thought tokens")
 
+    def _check_rlp(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if not self.thinks:
+            return  # no thoughts: plain next-token training (the experiment's control)
+        if self.n_sampled < 1:
+            raise ValueError(f"objective='rlp' with n_ahead={self.n_ahead}: RLP trains the "
+                             "thought tokens, so a thought needs one (n_ahead >= 4)")
+        if self.filler_thoughts:
+            raise ValueError("objective='rlp' with filler_thoughts: filler thoughts are not "
+                             "drawn, so RLP has nothing to train")
+        if self.rlp_mixing_head and self.rlp_nll_weight == 0:
+            raise ValueError("rlp_mixing_head=True with rlp_nll_weight=0: nothing trains the "
+                             "mixing head, whose weight then stays at 0 and hides every "
+                             "thought; set rlp_nll_weight > 0")
+
     def replace(self, **changes) -> QuietStarConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether the prediction after a thought is mixed with the base state (`mix`)."""
+        return self.objective == "quiet_star" or self.rlp_mixing_head
+
+    @property
+    def policy_temperature(self) -> float:
+        """The temperature of the thought log-probs the policy term trains: Quiet-STaR's
+        reinforce_temperature, or for RLP the sampling policy's own (its importance ratios)."""
+        return self.reinforce_temperature if self.objective == "quiet_star" else (
+            self.thought_temperature)
 
     @property
     def thinks(self) -> bool:
@@ -94,7 +138,8 @@ class QuietStarConfig:
         all P a few ulps above zero, and the policy gradient then takes all P (as it does for
         any cotangent on more rationales).
         """
-        if self.use_trice_baseline and self.remove_negative_rewards and self.n_passes > 1:
+        if (self.objective == "quiet_star" and self.use_trice_baseline
+                and self.remove_negative_rewards and self.n_passes > 1):
             return self.n_passes - 1
         return self.n_passes
 
@@ -227,7 +272,10 @@ def mask_thought_logits(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
 
 def mix(params: Params, cfg: QuietStarConfig, h_base_D: jax.Array,
         h_thought_D: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mixed hidden state (1 - w) * h_base + w * h_thought and the weight w [...]."""
+    """Mixed hidden state (1 - w) * h_base + w * h_thought and the weight w [...]; without
+    mixing (`cfg.mixes`) the thought state itself, w = 1."""
+    if not cfg.mixes:
+        return h_thought_D, jnp.ones(h_thought_D.shape[:-1], jnp.float32)
     w = MixingHead(cfg.model.d_model, cfg.model.param_dtype).apply(
         {"params": params["mixing_head"]}, h_base_D, h_thought_D)
     if cfg.mixing_sigmoid:
