@@ -142,10 +142,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def compile_step(step, params, opt_state, batch, rng) -> tuple[Callable, dict]:
-    """The step compiled ahead of time, with its compile time and XLA's memory and FLOP counts."""
+def compile_step(step, *args) -> tuple[Callable, dict]:
+    """The step compiled ahead of time for `args`, with its compile time and XLA's memory and
+    FLOP counts."""
     start = time.perf_counter()
-    compiled = step.lower(params, opt_state, batch, rng).compile()
+    compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     memory = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
@@ -420,15 +421,12 @@ def against_rlp(name: str, pairs: int, remat_passes: bool) -> dict:
             state["ema_params"] = jax.tree.map(jnp.copy, params)
         step = jax.jit(functools.partial(steps.train_step, cfg=cfg_o, optimizer=optimizer),
                        donate_argnums=0, compiler_options=steps.CPU_COMPILER_OPTIONS)
-        start = time.perf_counter()
-        compiled[objective] = step.lower(state, batch_ABL).compile()
-        mem = compiled[objective].memory_analysis()
-        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                - mem.alias_size_in_bytes)
-        result[objective] = {"compile_s": round(time.perf_counter() - start, 1),
-                             "argument_gib": round(mem.argument_size_in_bytes / 2 ** 30, 4),
-                             "temp_gib": round(mem.temp_size_in_bytes / 2 ** 30, 4),
-                             "peak_gib": round(peak / 2 ** 30, 4), "times": []}
+        compiled[objective], figures = compile_step(step, state, batch_ABL)
+        memory = figures["memory_bytes"]
+        result[objective] = {"compile_s": figures["compile_s"],
+                             "argument_gib": round(memory["argument"] / 2 ** 30, 4),
+                             "temp_gib": round(memory["temp"] / 2 ** 30, 4),
+                             "peak_gib": figures["memory_gib"], "times": []}
         states[objective], _ = jax.block_until_ready(compiled[objective](state, batch_ABL))
     for _ in range(pairs):
         for objective in ("quiet_star", "rlp"):

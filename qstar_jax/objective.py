@@ -51,6 +51,15 @@ def reinforce_terms(ce0_BL: jax.Array, ce_talk_BPTL: jax.Array, logprob_BPLS: ja
     return reward_BPJ, advantage_BPJ, policy_loss
 
 
+def base_losses(base_logits_BLV: jax.Array, tokens_BL: jax.Array, mask_BL: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """CE_0[j] = -log p_base(x[j+1]) [B, L] (0 where the label is ignored or past the end), and
+    its mean over the labels that count."""
+    next_valid_BL = shifted(mask_BL, 1, False)
+    ce0_BL = jnp.where(next_valid_BL, -token_logprob(base_logits_BLV, shifted(tokens_BL, 1)), 0.0)
+    return ce0_BL, masked_mean(ce0_BL, next_valid_BL)
+
+
 @flax.struct.dataclass
 class NextTokenLosses:
     """The cross-entropies of the true next tokens in one rollout, and the NLL term they make."""
@@ -66,9 +75,7 @@ class NextTokenLosses:
 def next_token_losses(ro: Rollout, tokens_BL: jax.Array, mask_BL: jax.Array,
                       cfg: QuietStarConfig) -> NextTokenLosses:
     """The base and talk cross-entropies of a rollout of a thinking model, and the NLL term."""
-    next_valid_BL = shifted(mask_BL, 1, False)
-    ce0_BL = jnp.where(next_valid_BL, -token_logprob(ro.base_logits, shifted(tokens_BL, 1)), 0.0)
-    loss_base = masked_mean(ce0_BL, next_valid_BL)
+    ce0_BL, loss_base = base_losses(ro.base_logits, tokens_BL, mask_BL)
     t_talk = cfg.n_ahead_talk
     # CE_talk_t[j] = -log p_mix(x[j+1+t]), label validity shifted likewise.
     valid_BTL = jnp.stack([shifted(mask_BL, t + 1, False) for t in range(t_talk)], 1)
@@ -84,11 +91,9 @@ def next_token_losses(ro: Rollout, tokens_BL: jax.Array, mask_BL: jax.Array,
 def no_thought_loss(params: Params, batch: dict, cfg: QuietStarConfig) -> tuple[jax.Array, dict]:
     """A model that does not think: plain next-token training, base_loss_beta * CE (with every
     metric of a thinking model, at 0 where it has no meaning)."""
-    tokens_BL = batch["tokens"]
-    ro = rollout(params, tokens_BL, label_mask(batch, cfg), jax.random.key(0), cfg)
-    next_valid_BL = shifted(label_mask(batch, cfg), 1, False)
-    ce0_BL = jnp.where(next_valid_BL, -token_logprob(ro.base_logits, shifted(tokens_BL, 1)), 0.0)
-    loss_base = masked_mean(ce0_BL, next_valid_BL)
+    tokens_BL, mask_BL = batch["tokens"], label_mask(batch, cfg)
+    ro = rollout(params, tokens_BL, mask_BL, jax.random.key(0), cfg)
+    _, loss_base = base_losses(ro.base_logits, tokens_BL, mask_BL)
     loss = cfg.base_loss_beta * loss_base
     zero = jnp.zeros(())
     return loss, dict(loss_base=loss_base, loss=loss, nll=loss, policy_loss=zero,
@@ -101,9 +106,9 @@ def quiet_star_loss(params: Params, batch: dict, rng: jax.Array, cfg: QuietStarC
     """Loss and named scalar metrics for a batch {"tokens": int32 [B, L], "mask": bool [B, L]}."""
     if not cfg.thinks:
         return no_thought_loss(params, batch, cfg)
-    tokens_BL = batch["tokens"]
-    ro = rollout(params, tokens_BL, label_mask(batch, cfg), rng, cfg, thought_tokens)
-    ce = next_token_losses(ro, tokens_BL, label_mask(batch, cfg), cfg)
+    tokens_BL, mask_BL = batch["tokens"], label_mask(batch, cfg)
+    ro = rollout(params, tokens_BL, mask_BL, rng, cfg, thought_tokens)
+    ce = next_token_losses(ro, tokens_BL, mask_BL, cfg)
     reward_BPJ, advantage_BPJ, policy_loss = reinforce_terms(
         ce.ce0_BL, ce.ce_talk_BPTL, ro.thought_logprobs, cfg)
     # Filler thoughts are not drawn: there is no policy to reinforce.

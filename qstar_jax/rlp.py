@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from qstar_jax.model import Params
 from qstar_jax.objective import (
     label_mask,
+    masked_mean,
     next_token_losses,
     no_thought_loss,
     rollout_metrics,
@@ -105,18 +106,15 @@ def rlp_loss(params: Params, batch: dict, rng: jax.Array, cfg: QuietStarConfig,
     logprob_BPJS = ro.thought_logprobs[:, :, :j]
     # The thoughts were drawn by these parameters: the behaviour policy is the policy itself.
     loss_BPJ = clipped_surrogate(logprob_BPJS, jax.lax.stop_gradient(logprob_BPJS), advantage_BPJ)
-    counts_B1J = ce.valid_BTL[:, None, 0, :j]  # the position's next token counts
-    n = jnp.maximum(jnp.sum(counts_B1J) * reward_BPJ.shape[1], 1)
-    mean = lambda x_BPJ: jnp.sum(jnp.where(counts_B1J, x_BPJ, 0.0)) / n  # noqa: E731
+    counts_BPJ = jnp.broadcast_to(ce.valid_BTL[:, None, 0, :j], reward_BPJ.shape)  # x[j+1] counts
+    mean = lambda x_BPJ: masked_mean(x_BPJ, counts_BPJ)  # noqa: E731
     policy_loss = mean(loss_BPJ)
     loss = policy_loss + cfg.rlp_nll_weight * ce.nll if cfg.rlp_nll_weight else policy_loss
-    ema_valid_BL = ce.valid_BTL[:, 0]
     return loss, dict(
         loss_base=ce.loss_base, loss=loss, nll=ce.nll, loss_talk=jnp.mean(ce.loss_talk_T),
         policy_loss=policy_loss, reward_mean=mean(reward_BPJ),
         advantage_mean=mean(advantage_BPJ), advantage_positive=mean(advantage_BPJ > 0),
-        loss_ema=-jnp.sum(jnp.where(ema_valid_BL, ema_BL, 0.0)) / jnp.maximum(
-            jnp.sum(ema_valid_BL), 1),
+        loss_ema=-masked_mean(ema_BL, ce.valid_BTL[:, 0]),
         **rollout_metrics(ro, cfg),
         **{f"loss_talk_{t}": ce.loss_talk_T[t] for t in range(cfg.n_ahead_talk)},
     )

@@ -208,8 +208,8 @@ def test_clipped_surrogate_and_group_advantages_by_hand():
     old = jnp.zeros((1, 2, 1, 2))
     new = jnp.log(jnp.array([[[[1.5, 0.9]], [[0.5, 1.1]]]]))  # ratios
     loss = rlp.clipped_surrogate(new, old, adv)
-    # A > 0: min(r A, clip(r) A) takes the clipped 1.2 for r = 1.5; A < 0: clip(0.5) = 0.8 gives
-    # the smaller -0.8 * -1? No: min(-0.5, -0.8) = -0.8, and min(-1.1, -1.1) = -1.1.
+    # A = 2 > 0: min(1.5 A, 1.2 A) takes the clipped 1.2, min(0.9 A, 0.9 A) = 0.9 A.
+    # A = -1 < 0: min(-0.5, -0.8) takes the clipped -0.8, min(-1.1, -1.1) = -1.1.
     np.testing.assert_allclose(loss[0, :, 0], [-(1.2 * 2 + 0.9 * 2) / 2, -(-0.8 + -1.1) / 2],
                                rtol=1e-6)
     grad = jax.grad(lambda x: rlp.clipped_surrogate(x, old, adv).sum())(new)
