@@ -72,7 +72,8 @@ SETUPS = {
     "cpu": Setup(ModelConfig(vocab_size=BASE_VOCAB, d_model=256, n_layers=4, n_heads=8,
                              n_kv_heads=2, ffn_dim=704, remat_policy="none"), batch=2, length=128),
     # The shape of TinyLlama-1.1B; bf16 compute, float32 parameters and optimizer state; the
-    # paper's batch of 8. Compiled for a CPU, the step needs about 46 GiB.
+    # paper's batch of 8. Its memory compiled for a CPU: benchmarks/RESULTS.md, "talk passes'
+    # head after the scan" and "train step on CPU".
     "gpu_1b": Setup(ModelConfig(vocab_size=BASE_VOCAB, d_model=2048, n_layers=22, n_heads=32,
                                 n_kv_heads=4, ffn_dim=5632, dtype="bfloat16"),
                     batch=8, length=256),
@@ -410,7 +411,7 @@ def against_rlp(name: str, pairs: int, remat_passes: bool) -> dict:
     """The train step (`steps.train_step`) under objective "rlp" against "quiet_star": XLA's
     memory analysis of each, and `pairs` steps of each, alternating."""
     _, cfg, init, optimizer, batch = prepare(name, remat_passes)
-    batch_ABL = jax.tree.map(lambda x: x[None], batch)
+    batch_UBL = jax.tree.map(lambda x: x[None], batch)
     result, compiled, states = {"config": name, "device": jax.devices()[0].device_kind}, {}, {}
     for objective in ("quiet_star", "rlp"):
         cfg_o = cfg.replace(objective=objective)
@@ -421,18 +422,18 @@ def against_rlp(name: str, pairs: int, remat_passes: bool) -> dict:
             state["ema_params"] = jax.tree.map(jnp.copy, params)
         step = jax.jit(functools.partial(steps.train_step, cfg=cfg_o, optimizer=optimizer),
                        donate_argnums=0, compiler_options=steps.CPU_COMPILER_OPTIONS)
-        compiled[objective], figures = compile_step(step, state, batch_ABL)
+        compiled[objective], figures = compile_step(step, state, batch_UBL)
         memory = figures["memory_bytes"]
         result[objective] = {"compile_s": figures["compile_s"],
                              "argument_gib": round(memory["argument"] / 2 ** 30, 4),
                              "temp_gib": round(memory["temp"] / 2 ** 30, 4),
                              "peak_gib": figures["memory_gib"], "times": []}
-        states[objective], _ = jax.block_until_ready(compiled[objective](state, batch_ABL))
+        states[objective], _ = jax.block_until_ready(compiled[objective](state, batch_UBL))
     for _ in range(pairs):
         for objective in ("quiet_star", "rlp"):
             start = time.perf_counter()
             states[objective], _ = jax.block_until_ready(
-                compiled[objective](states[objective], batch_ABL))
+                compiled[objective](states[objective], batch_UBL))
             result[objective]["times"].append(time.perf_counter() - start)
     for objective in ("quiet_star", "rlp"):
         times = result[objective].pop("times")

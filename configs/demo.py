@@ -13,32 +13,25 @@ Quiet-STaR settings (`config.PRESETS`; `configs/demo.py:reference` for the autho
 
 import ml_collections
 
-from qstar_jax import config, data, optim
+from qstar_jax import config
 
 
 def get_config(preset: str = "stable") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.train_steps = 24
-    c.batch_size = 2  # sequences per micro-batch, over all devices
-    c.seq_len = 48
-    c.log_every = 2
-    c.checkpoint_every = 12
-    c.checkpoint_keep = 2
-    c.eval_every = 0  # evaluated before the first and after the last step only
-    c.eval_batches = 4
-    c.seed = 0
-    c.distributed = False
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.model = ml_collections.ConfigDict(dict(
-        source="demo", dtype="float32", param_dtype="float32",
-        # a step's temporaries 1.05 GiB, not 3.4 (`model.hidden_states`), as fast on CPU
-        remat_policy="nothing_saveable",
-        scan_layers=True))
-    c.quiet_star = config.quiet_star_defaults(preset, n_ahead=4, n_ahead_talk=2, n_passes=2,
-                                              remat_passes=False)
-    c.data = data.default_config()
-    c.optim = optim.default_config()
-    c.optim.update(config.optim_preset(preset))
+    c = config.run_config(
+        preset, train_steps=24,
+        batch_size=2,  # sequences per micro-batch, over all devices
+        seq_len=48, log_every=2, checkpoint_every=12,
+        eval_every=0,  # evaluated before the first and after the last step only
+        eval_batches=4,
+        model=dict(
+            source="demo", dtype="float32", param_dtype="float32",
+            # the layers rematerialised: a step's temporaries far below those without (with the
+            # layer gradients in one buffer, `model.hidden_states`), no slower on CPU
+            # (benchmarks/RESULTS.md, "Where the demo's memory goes, and what is cut", "The
+            # demo under 4 GiB")
+            remat_policy="nothing_saveable",
+            scan_layers=True),
+        quiet_star=dict(n_ahead=4, n_ahead_talk=2, n_passes=2, remat_passes=False))
     c.optim.learning_rate = 3e-5
     c.optim.warmup_steps = 5
     return c

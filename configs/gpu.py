@@ -10,33 +10,23 @@ names a corpus.
 
 import ml_collections
 
-from qstar_jax import config, data, optim
+from qstar_jax import config
 
 
 def get_config(model: str = "random") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.train_steps = 100
-    c.batch_size = 8  # sequences per micro-batch
-    c.seq_len = 256
-    c.log_every = 5
-    c.checkpoint_every = 50
-    c.checkpoint_keep = 2
-    c.eval_every = 50
-    c.eval_batches = 8
-    c.seed = 0
-    c.distributed = False
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     runtime = dict(dtype="bfloat16", param_dtype="float32", remat_policy="nothing_saveable",
                    scan_layers=True)
     if model == "random":
-        c.model = ml_collections.ConfigDict(dict(
+        section = dict(
             source="random", vocab_size=1024, d_model=2048, n_layers=22, n_heads=32,
-            n_kv_heads=4, ffn_dim=5632, rope_theta=10000.0, tie_embeddings=False, **runtime))
+            n_kv_heads=4, ffn_dim=5632, rope_theta=10000.0, tie_embeddings=False, **runtime)
     elif model == "hf":
-        c.model = ml_collections.ConfigDict(dict(source="hf", path="", **runtime))
+        section = dict(source="hf", path="", **runtime)
     else:
         raise ValueError(f"configs/gpu.py:{model}: expected 'random' or 'hf'")
-    c.quiet_star = config.quiet_star_defaults()  # n_ahead 12, n_ahead_talk 4, n_passes 2
-    c.data = data.default_config()
-    c.optim = optim.default_config()
-    return c
+    # quiet_star at its defaults: n_ahead 12, n_ahead_talk 4, n_passes 2
+    return config.run_config(
+        train_steps=100,
+        batch_size=8,  # sequences per micro-batch
+        seq_len=256, log_every=5, checkpoint_every=50, eval_every=50, eval_batches=8,
+        model=section)

@@ -6,30 +6,22 @@ well under two minutes (a sentencepiece tokenizer is trained on the data and kep
 
 import ml_collections
 
-from qstar_jax import config, data, optim
+from qstar_jax import config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.train_steps = 30
-    c.batch_size = 8  # sequences per micro-batch, over all devices
-    c.seq_len = 32
-    c.log_every = 5
-    c.checkpoint_every = 10
-    c.checkpoint_keep = 2
-    c.eval_every = 15  # also evaluated before the first and after the last step
-    c.eval_batches = 2
-    c.seed = 0
-    c.distributed = False
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.model = ml_collections.ConfigDict(dict(
-        source="random", vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-        ffn_dim=128, rope_theta=10000.0, tie_embeddings=False,
-        dtype="float32", param_dtype="float32", remat_policy="none", scan_layers=True))
-    c.quiet_star = config.quiet_star_defaults(n_ahead=4, n_ahead_talk=2, n_passes=2)
-    c.data = data.default_config()
+    c = config.run_config(
+        train_steps=30,
+        batch_size=8,  # sequences per micro-batch, over all devices
+        seq_len=32, log_every=5, checkpoint_every=10,
+        eval_every=15,  # also evaluated before the first and after the last step
+        eval_batches=2,
+        model=dict(
+            source="random", vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+            ffn_dim=128, rope_theta=10000.0, tie_embeddings=False,
+            dtype="float32", param_dtype="float32", remat_policy="none", scan_layers=True),
+        quiet_star=dict(n_ahead=4, n_ahead_talk=2, n_passes=2))
     c.data.num_synthetic = 1000
-    c.optim = optim.default_config()
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 5
     return c

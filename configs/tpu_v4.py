@@ -17,29 +17,21 @@ checks that the step fits a slice without a checkpoint (`compile_check.SHAPES` n
 
 import ml_collections
 
-from qstar_jax import config, data, optim
+from qstar_jax import config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.train_steps = 100
-    c.batch_size = 8
-    c.seq_len = 256
-    c.log_every = 1
-    c.checkpoint_every = 25
-    c.checkpoint_keep = 2
-    c.eval_every = 25
-    c.eval_batches = 8
-    c.seed = 0
+    # optim at its defaults: lr 1e-6, warmup 20, weight decay 0.001, clip 1.0
+    c = config.run_config(
+        train_steps=100, batch_size=8, seq_len=256, log_every=1, checkpoint_every=25,
+        eval_every=25, eval_batches=8,
+        model=dict(
+            source="hf", path="",  # a Mistral-7B Hugging Face directory, --config.model.path
+            dtype="bfloat16", param_dtype="float32", remat_policy="nothing_saveable",
+            scan_layers=True),
+        quiet_star=dict(n_ahead=12, n_ahead_talk=4, n_passes=2))
     c.distributed = True  # one process per TPU host
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=0, tensor=0))  # 0: chosen
-    c.model = ml_collections.ConfigDict(dict(
-        source="hf", path="",  # a Mistral-7B Hugging Face directory, --config.model.path
-        dtype="bfloat16", param_dtype="float32", remat_policy="nothing_saveable",
-        scan_layers=True))
-    c.quiet_star = config.quiet_star_defaults(n_ahead=12, n_ahead_talk=4, n_passes=2)
-    c.data = data.default_config()
+    c.mesh.update(data=1, fsdp=0, tensor=0)  # 0: chosen
     c.data.source = "parquet"
     c.data.path = ""  # OpenWebMath Parquet files, --config.data.path
-    c.optim = optim.default_config()  # lr 1e-6, warmup 20, weight decay 0.001, clip 1.0
     return c

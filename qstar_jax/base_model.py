@@ -18,6 +18,7 @@ from etils import epath
 
 from qstar_jax import checkpoint, hf_checkpoint, loading, logs, train
 from qstar_jax import config as config_lib
+from qstar_jax.errors import ConfigError
 from qstar_jax.model import RUNTIME_FIELDS
 from qstar_jax.thoughts import remove_thought_params
 
@@ -37,8 +38,8 @@ def stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     """The run that trains the base model (see the module doc)."""
     section = config.base_model
     if sorted(section) != sorted(SECTION_KEYS):
-        raise ValueError(f"base_model has keys {sorted(section)}; expected exactly "
-                         f"{list(SECTION_KEYS)}")
+        raise ConfigError(f"base_model has keys {sorted(section)}; expected exactly "
+                          f"{list(SECTION_KEYS)}")
     c = _without_section(config)
     c.train_steps, c.batch_size, c.seq_len = (section.train_steps, section.batch_size,
                                               section.seq_len)
@@ -92,10 +93,10 @@ def _check_same_settings(stage: ml_collections.ConfigDict, stage_dir: epath.Path
     now = _flat(json.loads(stage.to_json_best_effort()))
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if changed:
-        raise ValueError(f"{stage_dir} holds a base model trained with other settings "
-                         f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} "
-                         "differ): use a new --workdir, or delete that directory to train it "
-                         "again")
+        raise ConfigError(f"{stage_dir} holds a base model trained with other settings "
+                          f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} "
+                          "differ): use a new --workdir, or delete that directory to train it "
+                          "again")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

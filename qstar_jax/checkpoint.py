@@ -11,13 +11,12 @@ stops with an error naming them, rather than silently starting afresh. Reading p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
-import logging as python_logging
+import inspect
 import math
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,36 +29,59 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from qstar_jax import host_memory
-from qstar_jax.errors import CheckpointError, CheckpointNotFoundError
+from qstar_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from qstar_jax.json_files import read_json
 
 CHECKPOINT_DIR = "checkpoints"
 SET_ASIDE_DIR = "unreadable_checkpoints"  # unreadable steps are moved here, never deleted
 CONFIG_FILE = "config.json"  # the resolved run config, to rebuild the model for export
 
 
-def _quiet_restore_noise() -> None:
-    """Drop what an unreadable step makes the libraries print besides its one warning from
-    `Checkpoints.restore`: the "Event loop is closed" errors of TensorStore's callbacks once
-    orbax has closed its event loop (through sys.excepthook or sys.unraisablehook, pages of
-    them), and asyncio's "Task exception was never retrieved" for the failed reads. Every other
-    error is printed as before."""
-    python_logging.getLogger("asyncio").setLevel(python_logging.CRITICAL)
-    if getattr(sys.excepthook, "quiets_closed_loops", False):
-        return
-    closed = lambda error: isinstance(error, RuntimeError) and str(error) == (  # noqa: E731
-        "Event loop is closed")
-    previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+class _ClosedLoopIgnoresLateWork(asyncio.SelectorEventLoop):
+    """The event loop of a restore: once closed, it drops what still arrives for it instead of
+    raising or logging. When one array of a step is unreadable, orbax stops its loop and closes
+    it while TensorStore's other reads of the step go on; each of them, finishing, hands its
+    result to the closed loop from a TensorStore thread ("Event loop is closed", printed as an
+    unraisable error, pages of them), asyncio logs "Task exception was never retrieved" for the
+    reads' tasks, and the reads never started warn that their coroutines were never awaited.
+    What matters reaches the caller as the restore's exception."""
 
-    def excepthook(kind, error, trace):
-        if not closed(error):
-            previous_except(kind, error, trace)
+    def close(self) -> None:
+        for task in asyncio.all_tasks(self):
+            coro = task.get_coro()
+            if inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == "CORO_CREATED":
+                coro.close()  # never started, and now never will
+        super().close()
 
-    def unraisablehook(unraisable):
-        if not closed(unraisable.exc_value):
-            previous_unraisable(unraisable)
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
 
-    excepthook.quiets_closed_loops = True
-    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    def call_exception_handler(self, context: dict) -> None:
+        if not self.is_closed():
+            super().call_exception_handler(context)
+
+
+class _RestoreLoops(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _ClosedLoopIgnoresLateWork()
+
+
+@contextlib.contextmanager
+def _restore_loops() -> Iterator[None]:
+    """Orbax's restores inside make their event loops as `_ClosedLoopIgnoresLateWork` (orbax
+    asks asyncio for a new loop per call); the previous policy is back on exit, and the loops
+    made meanwhile keep dropping late work after it."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_RestoreLoops())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 ITEMS = {"params": "params", "ema_params": "ema"}  # state entries saved as their own items
@@ -80,12 +102,12 @@ def _newest_readable(steps: list[int], restore: Callable[[int], Any]
                      ) -> tuple[int | None, Any, list[tuple[int, str]]]:
     """Try `restore(step)` for `steps` in turn: (the first step that reads, what it restored, the
     (step, error) of each unreadable one before it); (None, None, failures) if none reads. The
-    libraries' noise about unreadable steps is dropped."""
-    _quiet_restore_noise()  # an unreadable step would otherwise end in pages of tracebacks
+    libraries' noise about unreadable steps is dropped (`_restore_loops`)."""
     failed: list[tuple[int, str]] = []
     for step in steps:
         try:
-            return step, restore(step), failed
+            with _restore_loops():
+                return step, restore(step), failed
         except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
             failed.append((step, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
     return None, None, failed
@@ -112,7 +134,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str, keep: int, largest_array: int | None = None):
         if keep < 1:
-            raise ValueError(f"checkpoint_keep={keep} must be >= 1")
+            raise ConfigError(f"checkpoint_keep={keep} must be >= 1")
         self.workdir = _absolute(workdir)
         self.keep = keep
         self._synchronous = jax.default_backend() == "cpu"
@@ -226,7 +248,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file (not a training workdir?)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(read_json(path, CheckpointError))
 
 
 @contextlib.contextmanager

@@ -1,18 +1,33 @@
-"""The command line shared by train and experiment: flag parsing with one-line errors, --help."""
+"""The command lines' one-line errors; for train and experiment also flag parsing and --help."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
+from collections.abc import Iterator
 
 import ml_collections
 from absl import flags
+
+from qstar_jax.errors import InputError, RunStopped
 
 
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line error and exit with `code`."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def one_line_errors(code: int = 1) -> Iterator[None]:
+    """Around a command's work: a user mistake (`InputError`) or a run that stopped short
+    (`RunStopped`) is its one-line message and exit `code`; any other exception is a bug and
+    propagates with its traceback."""
+    try:
+        yield
+    except (InputError, RunStopped) as e:
+        fail(str(e), code)
 
 
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")

@@ -23,6 +23,7 @@ import ml_collections
 from qstar_jax import config as config_lib
 from qstar_jax import hf_checkpoint, loading, sharding, steps
 from qstar_jax import tokenizer as tokenizer_lib
+from qstar_jax.errors import ConfigError
 from qstar_jax.model import RUNTIME_FIELDS
 from qstar_jax.rollout import check_batch
 from qstar_jax.thoughts import N_THOUGHT_TOKENS
@@ -61,8 +62,9 @@ SHAPES = {
 }
 
 
-class DoesNotFit(ValueError):
-    """The compiled train step needs more memory per device than the device has."""
+class DoesNotFit(ConfigError):
+    """The compiled train step needs more memory per device than the device has: settings to
+    change (the mesh, batch_size, seq_len)."""
 
     def __init__(self, message: str, report: dict):
         super().__init__(message)
@@ -77,20 +79,20 @@ def compile_devices(accelerator: str) -> tuple[str, list[jax.Device]]:
         return "cpu", jax.devices("cpu")
     topology = f"v4:{V4_SLICES[accelerator]}" if accelerator in V4_SLICES else accelerator
     if ":" not in topology:
-        raise ValueError(f"--compile_only={accelerator}: expected cpu, a TPU v4 slice "
-                         f"({', '.join(V4_SLICES)}) or a TPU topology such as v4:2x2x4")
+        raise ConfigError(f"--compile_only={accelerator}: expected cpu, a TPU v4 slice "
+                          f"({', '.join(V4_SLICES)}) or a TPU topology such as v4:2x2x4")
     from jax.experimental import topologies
 
     megacore = {"chip_config_name": "megacore"} if topology.startswith("v4:") else {}
     try:
         devices = list(topologies.get_topology_desc(topology, "tpu", **megacore).devices)
     except (RuntimeError, jax.errors.JaxRuntimeError) as e:
-        raise ValueError(f"--compile_only={accelerator}: no TPU topology {topology} "
-                         f"({str(e).splitlines()[0]}); compiling for a TPU needs libtpu "
-                         "(pip install libtpu)") from None
+        raise ConfigError(f"--compile_only={accelerator}: no TPU topology {topology} "
+                          f"({str(e).splitlines()[0]}); compiling for a TPU needs libtpu "
+                          "(pip install libtpu)") from None
     if accelerator in V4_SLICES and len(devices) != int(accelerator[3:]) // 2:
-        raise ValueError(f"{accelerator}: topology {topology} has {len(devices)} devices, "
-                         f"expected {int(accelerator[3:]) // 2} chips")
+        raise RuntimeError(f"{accelerator}: libtpu's topology {topology} has {len(devices)} "
+                           f"devices, V4_SLICES expects {int(accelerator[3:]) // 2} chips")
     return topology, devices
 
 
@@ -168,8 +170,8 @@ def _weightless_model(config: ml_collections.ConfigDict) -> loading.Model:
     config.json; a directory without a tokenizer has the thought tokens after its vocabulary."""
     source, path = config.model.source, config.model.get("path", "")
     if source == "hf" and not path:
-        raise ValueError("model.path is empty: pass --config.model.path=PATH, a Hugging Face "
-                         f"directory, its config.json, or a shape ({', '.join(SHAPES)})")
+        raise ConfigError("model.path is empty: pass --config.model.path=PATH, a Hugging Face "
+                          f"directory, its config.json, or a shape ({', '.join(SHAPES)})")
     config_lib.check_model_keys(config.model)
     tokenizer_dir = source == "hf" and os.path.isdir(path) and any(
         os.path.isfile(os.path.join(path, n)) for n in tokenizer_lib.TOKENIZER_FILES)
@@ -183,8 +185,8 @@ def _weightless_model(config: ml_collections.ConfigDict) -> loading.Model:
         directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
         model_cfg = hf_checkpoint.read_config(directory, **runtime)
     else:
-        raise ValueError(f"model.path={path}: no such directory, config.json or shape "
-                         f"({', '.join(SHAPES)})")
+        raise ConfigError(f"model.path={path}: no such directory, config.json or shape "
+                          f"({', '.join(SHAPES)})")
     vocab = model_cfg.vocab_size
     ids = config_lib.ThoughtIds(start_thought_id=vocab, end_thought_id=vocab + 1, pad_id=0)
     grown = model_cfg.replace(vocab_size=vocab + N_THOUGHT_TOKENS)

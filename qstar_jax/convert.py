@@ -11,7 +11,7 @@ import json
 import sys
 
 from qstar_jax import gguf_checkpoint, hf_checkpoint, loading
-from qstar_jax.errors import CheckpointError
+from qstar_jax.errors import InputError
 
 
 def _run_from_gguf(args: argparse.Namespace) -> None:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except InputError as e:  # a user mistake is one line; anything else keeps its traceback
         sys.exit(f"error: {e}")
 
 

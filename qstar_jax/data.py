@@ -2,10 +2,11 @@
 
 Documents come from local or `gs://` paths (a file, a directory or a glob, read with
 `etils.epath`): `.txt` files (each file is one document), `.jsonl` (one JSON object per line, the
-text under `text_field`) or `.parquet` (OpenWebMath's layout, a `text_field` column); or from the
-built-in generators of arithmetic word problems and of the known-answer task's rows
-(`known_answer.py`). A hash of each document's text decides whether it
-is held out, so the split does not depend on the seed, the file order or the corpus size.
+text under `text_field`; a line that is not one is an error naming it, `json_files.read_jsonl`) or
+`.parquet` (OpenWebMath's layout, a `text_field` column); or from the built-in generators of
+arithmetic word problems and of the known-answer task's rows (`known_answer.py`). A hash of each
+document's text decides whether it is held out, so the split does not depend on the seed, the
+file order or the corpus size.
 
 Training rows are random `seq_len` windows of single documents (a new window each epoch, as in the
 Quiet-STaR paper; shorter documents are right-padded with pad_id and masked), or, with `packing`,
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import random
 
 import grain
@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from absl import logging
 from etils import epath
 
-from qstar_jax import known_answer
+from qstar_jax import json_files, known_answer
+from qstar_jax.errors import ConfigError, DataError, PathNotFoundError
 
 SOURCES = ("synthetic", "known_answer", "text", "jsonl", "parquet")
 _SUFFIX = {"text": ".txt", "jsonl": ".jsonl", "parquet": ".parquet"}
@@ -60,14 +61,14 @@ class Documents:
     """Texts read from a source and how many documents were skipped, and why."""
 
     texts: list[str]
-    undecodable: int = 0  # not UTF-8, not JSON, or a non-string text value
+    undecodable: int = 0  # a .txt file or Parquet value that is not UTF-8 text
     empty: int = 0  # empty or whitespace only
 
 
 def resolve_paths(path: str, suffix: str) -> list[epath.Path]:
     """The files `path` names: itself, the `*suffix` files directly in a directory, or a glob's."""
     if not path:
-        raise ValueError(f"data.path is empty: name the {suffix} file, directory or glob to read")
+        raise ConfigError(f"data.path is empty: name the {suffix} file, directory or glob to read")
     glob_at = min((i for i, c in enumerate(path) if c in "*?["), default=-1)
     if glob_at >= 0:
         cut = path.rfind("/", 0, glob_at) + 1
@@ -77,9 +78,9 @@ def resolve_paths(path: str, suffix: str) -> list[epath.Path]:
     elif p.exists():
         files = [p]
     else:
-        raise ValueError(f"data path {path!r} does not exist")
+        raise PathNotFoundError(f"data path {path!r} does not exist")
     if not files:
-        raise ValueError(f"data path {path!r} matches no {suffix} files")
+        raise DataError(f"data path {path!r} matches no {suffix} files")
     return sorted(files, key=str)
 
 
@@ -87,7 +88,7 @@ def read_documents(source: str, path: str, text_field: str = "text",
                    max_documents: int = 0) -> Documents:
     """All usable documents of a "text", "jsonl" or "parquet" source, in file order."""
     if source not in _SUFFIX:
-        raise ValueError(f"data.source={source!r} is not a file source (one of {list(_SUFFIX)})")
+        raise ConfigError(f"data.source={source!r} is not a file source (one of {list(_SUFFIX)})")
     docs = Documents([])
     limit = max_documents or float("inf")
 
@@ -115,18 +116,16 @@ def read_documents(source: str, path: str, text_field: str = "text",
         if source == "text":
             add(file.read_bytes())
         elif source == "jsonl":
-            with file.open("rb") as f:
-                for line_no, line in enumerate(f, 1):
-                    if len(docs.texts) >= limit:
-                        break
-                    if line.strip():
-                        add(_jsonl_text(line, text_field, f"{file}:{line_no}"))
+            for where, record in json_files.read_jsonl(file):
+                if len(docs.texts) >= limit:
+                    break
+                add(_jsonl_text(record, text_field, where))
         else:
             with file.open("rb") as f:
                 table = pq.ParquetFile(f)
                 if text_field not in table.schema_arrow.names:
-                    raise ValueError(f"{file}: no column {text_field!r} (data.text_field); "
-                                     f"columns: {table.schema_arrow.names}")
+                    raise DataError(f"{file}: no column {text_field!r} (data.text_field); "
+                                    f"columns: {table.schema_arrow.names}")
                 for batch in table.iter_batches(columns=[text_field], batch_size=1024):
                     for value in batch.column(0).to_pylist():
                         if len(docs.texts) < limit:
@@ -134,29 +133,33 @@ def read_documents(source: str, path: str, text_field: str = "text",
     return docs
 
 
-def _jsonl_text(line: bytes, text_field: str, where: str):
-    """The text of one JSONL line; None when the line is not UTF-8 JSON (counted as undecodable)."""
+def _jsonl_text(record: dict, text_field: str, where: str) -> str:
+    """The text of one JSONL record ("" for null: an empty document)."""
+    if text_field not in record:
+        raise DataError(f"{where}: no {text_field!r} field (data.text_field)")
+    value = "" if record[text_field] is None else record[text_field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {text_field!r} is not a string (got {type(value).__name__})")
     try:
-        record = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(record, dict) or text_field not in record:
-        raise ValueError(f"{where}: no {text_field!r} field (data.text_field)")
-    return "" if record[text_field] is None else record[text_field]
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {text_field!r} is not valid Unicode ({e.reason} at "
+                        f"character {e.start + 1})") from None
+    return value
 
 
 def load_documents(config: ml_collections.ConfigDict) -> list[str]:
     """The documents `config` (a `data` section) names; logs what was skipped."""
     if config.source not in SOURCES:
-        raise ValueError(f"data.source={config.source!r}: expected one of {list(SOURCES)}")
+        raise ConfigError(f"data.source={config.source!r}: expected one of {list(SOURCES)}")
     if config.source == "synthetic":
         if config.num_synthetic < 1:
-            raise ValueError(f"data.num_synthetic={config.num_synthetic}: must be >= 1")
+            raise ConfigError(f"data.num_synthetic={config.num_synthetic}: must be >= 1")
         return word_problems(config.num_synthetic, SYNTHETIC_SEED)
     docs = read_documents(config.source, config.path, config.text_field, config.max_documents)
     if not docs.texts:
-        raise ValueError(f"data path {config.path!r} holds no usable {config.source} documents "
-                         f"({docs.undecodable} undecodable, {docs.empty} empty)")
+        raise DataError(f"data path {config.path!r} holds no usable {config.source} documents "
+                        f"({docs.undecodable} undecodable, {docs.empty} empty)")
     log = logging.warning if docs.undecodable or docs.empty else logging.info
     log("data: %d documents from %s (skipped %d undecodable, %d empty)", len(docs.texts),
         config.path, docs.undecodable, docs.empty)
@@ -172,7 +175,7 @@ def is_heldout(text: str, fraction: float) -> bool:
 def load_splits(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
     """(training documents, held-out documents), disjoint by content."""
     if not 0.0 <= config.heldout_fraction < 1.0:
-        raise ValueError(f"data.heldout_fraction={config.heldout_fraction}: must be in [0, 1)")
+        raise ConfigError(f"data.heldout_fraction={config.heldout_fraction}: must be in [0, 1)")
     held = lambda text: is_heldout(text, config.heldout_fraction)  # noqa: E731
     if config.source == "known_answer":  # held out by problem, never seen worked
         train, heldout = known_answer.splits(config, held)
@@ -181,8 +184,8 @@ def load_splits(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]
         for text in load_documents(config):
             (heldout if held(text) else train).append(text)
     if not train:
-        raise ValueError(f"data: no training documents left after holding out "
-                         f"data.heldout_fraction={config.heldout_fraction}")
+        raise DataError(f"data: no training documents left after holding out "
+                        f"data.heldout_fraction={config.heldout_fraction}")
     return train, heldout
 
 
@@ -246,14 +249,14 @@ def _word_problem(rng: random.Random) -> str:
 def document_tokens(tokenizer, text: str) -> np.ndarray:
     """int32 ids of one document: BOS (when the tokenizer has one), the text, EOS."""
     if tokenizer.eos_id is None:
-        raise ValueError("data: the tokenizer has no EOS token to end documents with")
+        raise DataError("data: the tokenizer has no EOS token to end documents with")
     ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
     return np.asarray([*ids, tokenizer.eos_id], np.int32)
 
 
-def crop(tokens_T: np.ndarray, seq_len: int, pad_id: int, start: int = 0) -> Batch:
+def crop(document_ids: np.ndarray, seq_len: int, pad_id: int, start: int = 0) -> Batch:
     """The window [start, start + seq_len) of a document, right-padded with pad_id and masked."""
-    window = tokens_T[start:start + seq_len]
+    window = document_ids[start:start + seq_len]
     tokens_L = np.full(seq_len, pad_id, np.int32)
     tokens_L[:len(window)] = window
     return {"tokens": tokens_L, "mask": np.arange(seq_len) < len(window)}
@@ -264,8 +267,8 @@ def _host_rows(global_batch: int, process_index: int, process_count: int) -> int
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"data: process_index={process_index} is not in [0, {process_count})")
     if global_batch < 1 or global_batch % process_count:
-        raise ValueError(f"data: global batch {global_batch} does not split evenly over "
-                         f"{process_count} hosts")
+        raise ConfigError(f"data: global batch {global_batch} does not split evenly over "
+                          f"{process_count} hosts")
     return global_batch // process_count
 
 
@@ -274,16 +277,16 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, seq_len: int,
                  process_count: int = 1) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this host's training batches (see module doc)."""
     if seq_len < 1:
-        raise ValueError(f"data: seq_len={seq_len} must be >= 1")
+        raise ConfigError(f"data: seq_len={seq_len} must be >= 1")
     rows = _host_rows(global_batch, process_index, process_count)
     train, _ = load_splits(config)
     docs = grain.MapDataset.source(train).shuffle(seed=seed).repeat()  # reshuffled every epoch
     pad_id = tokenizer.pad_id
     if not config.packing:
         def random_crop(text: str, rng: np.random.Generator) -> Batch:
-            tokens_T = document_tokens(tokenizer, text)
-            start = rng.integers(max(len(tokens_T) - seq_len, 0) + 1)
-            return crop(tokens_T, seq_len, pad_id, start)
+            document_ids = document_tokens(tokenizer, text)
+            start = rng.integers(max(len(document_ids) - seq_len, 0) + 1)
+            return crop(document_ids, seq_len, pad_id, start)
 
         # Chunk c of `rows` rows is host (c % n)'s share of global batch c // n.
         crops = docs.random_map(random_crop, seed=seed).batch(rows)
@@ -313,10 +316,10 @@ def heldout_batches(config: ml_collections.ConfigDict, tokenizer, *, seq_len: in
     rows = _host_rows(global_batch, process_index, process_count)
     _, heldout = load_splits(config)
     if not heldout:
-        raise ValueError(f"data: no held-out documents (data.heldout_fraction="
-                         f"{config.heldout_fraction}, {config.source} source)")
+        raise DataError(f"data: no held-out documents (data.heldout_fraction="
+                        f"{config.heldout_fraction}, {config.source} source)")
     if num_batches is not None and num_batches < 1:
-        raise ValueError(f"data: num_batches={num_batches} must be >= 1")
+        raise ConfigError(f"data: num_batches={num_batches} must be >= 1")
     count = -(-len(heldout) // global_batch)
     count = count if num_batches is None else min(count, num_batches)
     batches = []
@@ -324,6 +327,6 @@ def heldout_batches(config: ml_collections.ConfigDict, tokenizer, *, seq_len: in
         start = b * global_batch + process_index * rows
         docs = [document_tokens(tokenizer, t) for t in heldout[start:start + rows]]
         docs += [np.zeros(0, np.int32)] * (rows - len(docs))  # fully masked filler rows
-        crops = [crop(tokens_T, seq_len, tokenizer.pad_id) for tokens_T in docs]
+        crops = [crop(document_ids, seq_len, tokenizer.pad_id) for document_ids in docs]
         batches.append({k: np.stack([c[k] for c in crops]) for k in ("tokens", "mask")})
     return batches

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from etils import epath
 
-from qstar_jax.errors import CheckpointError, CheckpointNotFoundError
+from qstar_jax.errors import CheckpointError, CheckpointNotFoundError, PathExistsError
 
 
 def cache_root() -> Path:
@@ -70,7 +70,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """A temporary sibling of `path` to fill, renamed to `path` on success and removed on failure,
     so the directory appears complete or not at all."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path}: already exists and is not an empty directory")
+        raise PathExistsError(f"{path}: already exists and is not an empty directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -21,14 +21,15 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax import generate, loading, outputs, scoring
+from qstar_jax import cli, generate, json_files, loading, outputs, scoring
 from qstar_jax import tokenizer as tokenizer_lib
+from qstar_jax.errors import ConfigError, DataError, PathNotFoundError
 from qstar_jax.model import Params
 from qstar_jax.thoughts import QuietStarConfig
 
@@ -53,44 +54,20 @@ class Example:
 # ----------------------------------------------------------------------------- data files
 
 
-def _jsonl(path: str) -> Iterator[tuple[str, dict]]:
-    """(where, object) per non-blank line; `where` is "path:line" for error messages."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such data file")
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 text (invalid byte at column "
-                                 f"{e.start + 1}); the file must be JSONL") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg.removesuffix(' at')} at "
-                                 f"column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
-
-
 def _text(obj: dict, key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: {key!r} is missing or not a non-empty string")
+        raise DataError(f"{where}: {key!r} is missing or not a non-empty string")
     return value
 
 
 def _gsm8k(obj: dict, where: str) -> Example:
     answer = _text(obj, "answer", where)
     if "####" not in answer:
-        raise ValueError(f"{where}: 'answer' has no final '#### N' line")
+        raise DataError(f"{where}: 'answer' has no final '#### N' line")
     final = answer.split("####")[-1].strip()
     if not re.fullmatch(r"-?[\d,]*\d(\.\d+)?", final):
-        raise ValueError(f"{where}: final answer {final!r} is not a number")
+        raise DataError(f"{where}: final answer {final!r} is not a number")
     return Example(_text(obj, "question", where).strip(), final)
 
 
@@ -100,27 +77,27 @@ def _csqa(obj: dict, where: str) -> Example:
         stem = _text(question, "stem", where)
         choices = question.get("choices")
         if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
-            raise ValueError(f"{where}: 'question.choices' is not a list of objects")
+            raise DataError(f"{where}: 'question.choices' is not a list of objects")
         pairs = [(c.get("label"), c.get("text")) for c in choices]
     else:  # Hugging Face export: question, choices.label[], choices.text[]
         stem = _text(obj, "question", where)
         choices = obj.get("choices")
         if not isinstance(choices, dict):
-            raise ValueError(f"{where}: 'choices' is not an object with 'label' and 'text'")
+            raise DataError(f"{where}: 'choices' is not an object with 'label' and 'text'")
         labels, texts = choices.get("label"), choices.get("text")
         if not isinstance(labels, list) or not isinstance(texts, list) or len(labels) != len(texts):
-            raise ValueError(f"{where}: 'choices.label' and 'choices.text' are not lists of one "
-                             "length")
+            raise DataError(f"{where}: 'choices.label' and 'choices.text' are not lists of one "
+                            "length")
         pairs = list(zip(labels, texts, strict=True))
     if not pairs or not all(isinstance(lb, str) and isinstance(t, str) for lb, t in pairs):
-        raise ValueError(f"{where}: choices need string labels and texts")
+        raise DataError(f"{where}: choices need string labels and texts")
     key = obj.get("answerKey")
     labels = [lb for lb, _ in pairs]
     if key not in labels:
-        raise ValueError(f"{where}: answerKey {key!r} is not one of the labels {labels} "
-                         "(an unlabelled test split?)")
+        raise DataError(f"{where}: answerKey {key!r} is not one of the labels {labels} "
+                        "(an unlabelled test split?)")
     if not set(labels) <= set(SYMBOLS["csqa"]):
-        raise ValueError(f"{where}: labels {labels} are not among A-E")
+        raise DataError(f"{where}: labels {labels} are not among A-E")
     choice_lines = "\n".join(f"({lb}) {t}" for lb, t in pairs)
     return Example(f"{stem.strip()}\n{choice_lines}", key)
 
@@ -128,15 +105,17 @@ def _csqa(obj: dict, where: str) -> Example:
 def read_examples(path: str, task: str, limit: int | None = None) -> list[Example]:
     """Examples of a GSM8K or CommonsenseQA JSONL file (public layouts), the first `limit`."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
+        raise ConfigError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
     parse = _gsm8k if task == "gsm8k" else _csqa
+    if not os.path.isfile(path):
+        raise PathNotFoundError(f"{path}: no such data file")
     examples = []
-    for where, obj in _jsonl(path):
+    for where, obj in json_files.read_jsonl(path):
         if limit is not None and len(examples) >= limit:
             break
         examples.append(parse(obj, where))
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise DataError(f"{path}: no examples")
     return examples
 
 
@@ -156,8 +135,8 @@ def answer_tokens(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, 
     head = tokenizer.encode(prompt, add_bos=add_bos)
     ids = tokenizer.encode(f"{prompt} {answer}\n", add_bos=add_bos)
     if ids[:len(head)] != head:
-        raise ValueError(f"the tokenizer merges the end of {prompt[-20:]!r} with the answer "
-                         f"{answer!r}: the answer tokens cannot be told apart")
+        raise DataError(f"the tokenizer merges the end of {prompt[-20:]!r} with the answer "
+                        f"{answer!r}: the answer tokens cannot be told apart")
     pieces = tokenizer_lib.token_pieces(tokenizer, head, ids[len(head):])
     start = len(head)
     while pieces and pieces[0].isspace() and "\n" not in pieces[0]:
@@ -179,9 +158,9 @@ def allowed_ids(tokenizer, task: str) -> np.ndarray:
         for answer in [c] + ([f"1{c}"] if task == "gsm8k" else []):
             ids, start, pieces = answer_tokens(tokenizer, "Q: ?\nA:", answer)
             if [p.strip() for p in pieces] != [*answer, ""] or pieces[-1] != "\n":
-                raise ValueError(f"{task}: direct scoring needs one token per symbol and one for "
-                                 f"the newline; this tokenizer writes {answer!r} + newline as "
-                                 f"{pieces}")
+                raise DataError(f"{task}: direct scoring needs one token per symbol and one for "
+                                f"the newline; this tokenizer writes {answer!r} + newline as "
+                                f"{pieces}")
             found.update(ids[start:])
     return np.array(sorted(found), np.int32)
 
@@ -316,7 +295,7 @@ def evaluate(params: Params, cfg: QuietStarConfig, tokenizer, examples: Sequence
             correct = [r[name]["correct"] for r in records]
             summary[name] = {"accuracy": float(np.mean(correct)), "correct": int(sum(correct))}
     else:
-        raise ValueError(f"unknown mode {mode!r} (expected direct or cot)")
+        raise ConfigError(f"unknown mode {mode!r} (expected direct or cot)")
     return summary, records
 
 
@@ -344,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
-    try:
+    with cli.one_line_errors(2):
         if args.out:
             outputs.check_output_file(args.out)  # before the evaluation, not after
         examples = read_examples(args.data, args.task, args.limit)
@@ -354,8 +333,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             params, cfg, tok, examples, args.task, mode=args.mode, thinking_modes=modes,
             batch_size=args.batch_size, cot_samples=args.cot_samples,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
     summary["n_ahead"] = cfg.n_ahead
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -47,6 +47,7 @@ from qstar_jax import (
     cli,
     heldout,
     host_memory,
+    json_files,
     known_answer,
     loading,
     logs,
@@ -56,6 +57,7 @@ from qstar_jax import (
     train,
 )
 from qstar_jax import config as config_lib
+from qstar_jax.errors import ConfigError, DataError
 from qstar_jax.model import ModelConfig
 
 ARMS = ("quiet_star", "rlp", "control", "filler")
@@ -77,17 +79,17 @@ def default_arms(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def check_arms(config: ml_collections.ConfigDict, arms: tuple[str, ...]) -> tuple[str, ...]:
-    """`arms` in ARMS order, or a one-line ValueError: unknown names, no control, no thinking
+    """`arms` in ARMS order, or a ConfigError: unknown names, no control, no thinking
     arm, or a quiet_star arm asked of a config that is RLP's."""
     if unknown := sorted(set(arms) - set(ARMS)):
-        raise ValueError(f"--arms: unknown arm(s) {', '.join(unknown)}; expected some of "
-                         f"{', '.join(ARMS)}")
+        raise ConfigError(f"--arms: unknown arm(s) {', '.join(unknown)}; expected some of "
+                          f"{', '.join(ARMS)}")
     if "control" not in arms:
-        raise ValueError("--arms: control is needed (the verdict compares each thinking arm "
-                         "with control)")
+        raise ConfigError("--arms: control is needed (the verdict compares each thinking arm "
+                          "with control)")
     if not set(arms) & set(THINKING_ARMS):
-        raise ValueError(f"--arms: a thinking arm ({' or '.join(THINKING_ARMS)}) is needed (the "
-                         "verdict compares it with control)")
+        raise ConfigError(f"--arms: a thinking arm ({' or '.join(THINKING_ARMS)}) is needed (the "
+                          "verdict compares it with control)")
     if "quiet_star" in arms:
         _quiet_star_objective(config)
     return tuple(a for a in ARMS if a in arms)
@@ -95,9 +97,9 @@ def check_arms(config: ml_collections.ConfigDict, arms: tuple[str, ...]) -> tupl
 
 def _quiet_star_objective(config: ml_collections.ConfigDict) -> None:
     if objective(config) == "rlp":
-        raise ValueError("--arms: the quiet_star arm trains the config as it is, and this config "
-                         "is RLP's (quiet_star.objective='rlp'): its thinking arm is rlp; drop "
-                         ":rlp from --config to run Quiet-STaR")
+        raise ConfigError("--arms: the quiet_star arm trains the config as it is, and this config "
+                          "is RLP's (quiet_star.objective='rlp'): its thinking arm is rlp; drop "
+                          ":rlp from --config to run Quiet-STaR")
 
 
 def _with_objective(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -149,12 +151,12 @@ def _check_arm_settings(config: ml_collections.ConfigDict, arms: tuple[str, ...]
         section = arm_config(config, arm, config.seed).quiet_star
         try:
             config_lib.quiet_star_config(section, probe, config_lib.ThoughtIds(0, 1, 0))
-        except ValueError as e:
-            raise ValueError(f"the {arm} arm: {e}") from None
+        except ConfigError as e:  # QuietStarConfig's checks of the section
+            raise ConfigError(f"the {arm} arm: {e}") from None
         if arm == "rlp" and section.n_passes < 2:
-            raise ValueError(f"the rlp arm: quiet_star.n_passes={section.n_passes}, and RLP's "
-                             "advantage compares the rationales of a position: it needs "
-                             "n_passes >= 2")
+            raise ConfigError(f"the rlp arm: quiet_star.n_passes={section.n_passes}, and RLP's "
+                              "advantage compares the rationales of a position: it needs "
+                              "n_passes >= 2")
 
 
 def _copy(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
@@ -252,17 +254,17 @@ def read_seed(dirs: dict[str, str], seed: int, final_step: int,
     start = {arm: heldout.read_losses(d, 0)["base"] for arm, d in dirs.items()}
     for arm in dirs:
         if not np.allclose(start[primary], start[arm], rtol=SAME_START_RTOL, atol=1e-5):
-            raise ValueError(f"seed {seed}: the {arm} arm's held-out losses at step 0 differ "
-                             f"from the {primary} arm's (mean {start[arm].mean():.5f} against "
-                             f"{start[primary].mean():.5f}): they did not start from the "
-                             "same weights and held-out rows")
+            raise DataError(f"seed {seed}: the {arm} arm's held-out losses at step 0 differ "
+                            f"from the {primary} arm's (mean {start[arm].mean():.5f} against "
+                            f"{start[primary].mean():.5f}): they did not start from the "
+                            "same weights and held-out rows")
     final = {arm: heldout.read_losses(d, final_step) for arm, d in dirs.items()}
     curves = {arm: _records(d) for arm, d in dirs.items()}
     answers = None if task_steps is None else answer_scores(dirs, curves, task_steps)
     out = {}
     for arm in thinking:
         thoughts_path = epath.Path(dirs[arm]) / logs.THOUGHTS_FILE
-        samples = [json.loads(line) for line in thoughts_path.read_text().splitlines()]
+        samples = [s for _, s in json_files.read_jsonl(thoughts_path)]
         out[arm] = SeedResult(
             seed=seed, start=start[primary], control=final["control"]["base"],
             base=final[arm]["base"], think=final[arm]["talk"][0], talk=final[arm]["talk"],
@@ -298,8 +300,7 @@ def answer_scores(dirs: dict[str, str], curves: dict[str, list[dict]],
 
 
 def _records(workdir: str) -> list[dict]:
-    path = epath.Path(workdir) / logs.METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for _, r in json_files.read_jsonl(epath.Path(workdir) / logs.METRICS_FILE)]
 
 
 # ----------------------------------------------------------------------------- the verdict
@@ -486,11 +487,11 @@ def answer_summary(results: list[SeedResult]) -> dict:
     }
 
 
-def _finite_mean(x_TN: np.ndarray) -> np.ndarray:
-    """Mean over the last axis of the finite entries [T] (NaN where there are none)."""
-    finite = np.isfinite(x_TN)
+def _finite_mean(x: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of the finite entries (NaN where there are none)."""
+    finite = np.isfinite(x)
     with np.errstate(invalid="ignore"):
-        return np.where(finite, x_TN, 0).sum(-1) / finite.sum(-1)
+        return np.where(finite, x, 0).sum(-1) / finite.sum(-1)
 
 
 def print_table(summary: dict) -> None:
@@ -561,7 +562,7 @@ def _predictor_check(config: ml_collections.ConfigDict, workdir: str) -> dict:
     and its `:rlp` variant share one check."""
     path = epath.Path(workdir) / PREDICTOR_CHECK
     if path.exists():
-        return json.loads(path.read_text())
+        return json_files.read_json(path)
     _say("=== predictor check: forced right and wrong thoughts, only the mixing head trains")
     check = predictor_check.from_config(_with_objective(config, "quiet_star"))
     path.write_text(json.dumps(check, indent=1))
@@ -604,12 +605,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, seeds: list[int],
     arms of every seed (None: `default_arms`), then summary.json, report.html and the summary
     (returned)."""
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds={','.join(map(str, seeds))}: name distinct seeds")
+        raise ConfigError(f"--seeds={','.join(map(str, seeds))}: name distinct seeds")
     arms = check_arms(config, default_arms(config) if arms is None else arms)
     if config.quiet_star.n_ahead < 3:
-        raise ValueError(f"quiet_star.n_ahead={config.quiet_star.n_ahead}: the "
-                         f"{NAMES[_thinking(arms)[0]]} arm needs thoughts (n_ahead >= 3); the "
-                         "control arm is made from it")
+        raise ConfigError(f"quiet_star.n_ahead={config.quiet_star.n_ahead}: the "
+                          f"{NAMES[_thinking(arms)[0]]} arm needs thoughts (n_ahead >= 3); the "
+                          "control arm is made from it")
     _check_arm_settings(config, arms)
     outputs.prepare_workdir(workdir)  # before hours of training, not after
     out = epath.Path(workdir)
@@ -657,10 +658,8 @@ def main(argv: list[str]) -> None:
         seeds = [int(s) for s in seeds]
     except ValueError:
         cli.fail(f"--seeds={','.join(seeds)}: expected integers such as 0,1,2", 2)
-    try:
+    with cli.one_line_errors():
         run(config, workdir, seeds, None if arms is None else tuple(arms))
-    except (ValueError, FileNotFoundError, train.NonFiniteLoss, train.Interrupted) as e:
-        cli.fail(str(e))
 
 
 if __name__ == "__main__":

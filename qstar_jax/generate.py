@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax import loading
-from qstar_jax.model import Context, KeyValues, Masks, Params, span
+from qstar_jax import cli, loading
+from qstar_jax.errors import ConfigError, DataError
+from qstar_jax.model import NEG_INF, Context, KeyValues, Masks, Params, span
 from qstar_jax.thoughts import (
     ChainPrefix,
     QuietStarConfig,
@@ -51,21 +52,21 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p}")
 
 
 @flax.struct.dataclass
 class DecodeState:
     """The cache of every token so far (left-padded rows) and the last token's base state.
 
-    T cache slots, B rows; slot `length` is the next to fill (the same for every row).
+    S cache slots, B rows; slot `length` is the next to fill (the same for every row).
     """
 
-    kv: KeyValues  # [N, B, T, K, E]
-    valid_BT: jax.Array  # slot holds a real token
-    positions_BT: jax.Array  # position id of each slot
+    kv: KeyValues  # [N, B, S, K, E]
+    valid_BS: jax.Array  # slot holds a real token
+    positions_BS: jax.Array  # position id of each slot
     length: jax.Array  # int32 scalar
     h_last_BD: jax.Array  # base hidden state of the last token
     pos_last_B: jax.Array  # position id of the last token
@@ -78,7 +79,7 @@ class Step:
 
     token_B: jax.Array  # the spoken token
     logits_BV: jax.Array  # the (mixed, when thinking) logits it was chosen from, unmasked
-    thought_BS: jax.Array  # the sampled thought tokens (S = 0 without thinking)
+    thought_BM: jax.Array  # the sampled thought tokens (M = 0 without thinking)
 
 
 def empty_state(cfg: QuietStarConfig, batch: int, max_len: int, rng: jax.Array) -> DecodeState:
@@ -88,8 +89,8 @@ def empty_state(cfg: QuietStarConfig, batch: int, max_len: int, rng: jax.Array) 
     dt = jnp.dtype(m.dtype)
     return DecodeState(
         kv=KeyValues(jnp.zeros(shape, dt), jnp.zeros(shape, dt)),
-        valid_BT=jnp.zeros((batch, max_len), bool),
-        positions_BT=jnp.zeros((batch, max_len), jnp.int32),
+        valid_BS=jnp.zeros((batch, max_len), bool),
+        positions_BS=jnp.zeros((batch, max_len), jnp.int32),
         length=jnp.int32(0), h_last_BD=jnp.zeros((batch, m.d_model), dt),
         pos_last_B=jnp.full((batch,), -1, jnp.int32), rng=rng)
 
@@ -102,7 +103,7 @@ def extend(params: Params, state: DecodeState, tokens_BL: jax.Array, valid_BL: j
     """
     window = cfg.model.sliding_window
     positions_BL = (state.pos_last_B[:, None] + jnp.cumsum(valid_BL, 1)).astype(jnp.int32)
-    masks = Masks(prefix_BLS=span(positions_BL, state.positions_BT, state.valid_BT, window),
+    masks = Masks(prefix_BLS=span(positions_BL, state.positions_BS, state.valid_BS, window),
                   self_BLL=span(positions_BL, positions_BL, valid_BL, window))
     h_BLD, new = hidden(params, cfg, embed_tokens(params, cfg, tokens_BL), positions_BL,
                         Context(masks, prefix=state.kv))
@@ -110,22 +111,22 @@ def extend(params: Params, state: DecodeState, tokens_BL: jax.Array, valid_BL: j
         buf, x.astype(buf.dtype), state.length, axis)
     return state.replace(
         kv=KeyValues(put(state.kv.k, new.k, 2), put(state.kv.v, new.v, 2)),
-        valid_BT=put(state.valid_BT, valid_BL, 1),
-        positions_BT=put(state.positions_BT, positions_BL, 1),
+        valid_BS=put(state.valid_BS, valid_BL, 1),
+        positions_BS=put(state.positions_BS, positions_BL, 1),
         length=state.length + tokens_BL.shape[1],
         h_last_BD=h_BLD[:, -1], pos_last_B=positions_BL[:, -1])
 
 
 def think(params: Params, cfg: QuietStarConfig, state: DecodeState, rng: jax.Array,
-          forced_BS: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """One thought after the last token: (end-of-thought hidden state [B, D], thought [B, S]).
+          forced_BM: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """One thought after the last token: (end-of-thought hidden state [B, D], thought [B, M]).
 
     Pass k (1 .. n_ahead-1) sits at position j + k and sees the cache (x[0..j]) plus the
     thought's own earlier keys: the parallel rollout's attention at position j, for one chain.
     """
     m = cfg.model
     b, s, c = state.h_last_BD.shape[0], cfg.n_sampled, cfg.n_ahead - 1
-    prefix = ChainPrefix(state.pos_last_B[:, None], state.positions_BT, state.valid_BT)
+    prefix = ChainPrefix(state.pos_last_B[:, None], state.positions_BS, state.valid_BS)
     start_D, end_D = start_end_embeddings(params, cfg)
     shape = state.kv.k.shape[:2] + (1, c) + state.kv.k.shape[3:]  # [N, B, 1, C, K, E]
     buffer = KeyValues(jnp.zeros(shape, state.kv.k.dtype), jnp.zeros(shape, state.kv.v.dtype))
@@ -138,7 +139,7 @@ def think(params: Params, cfg: QuietStarConfig, state: DecodeState, rng: jax.Arr
         buffer, x_B1D = carry
         k, key, forced_B = xs
         h_B1D, buffer = one_pass(buffer, x_B1D, k)
-        if forced_BS is None:
+        if forced_BM is None:
             logits_BV = speakable_columns(lm_logits(params, cfg, h_B1D[:, 0]), cfg)
             choice_B = choose_thought(logits_BV, key, cfg)
             token_B = speakable_token(choice_B, cfg)
@@ -146,14 +147,14 @@ def think(params: Params, cfg: QuietStarConfig, state: DecodeState, rng: jax.Arr
             token_B = forced_B
         return (buffer, embed_tokens(params, cfg, token_B[:, None])), token_B
 
-    forced_SB = (jnp.zeros((s, b), jnp.int32) if forced_BS is None
-                 else forced_BS.astype(jnp.int32).T)
+    forced_MB = (jnp.zeros((s, b), jnp.int32) if forced_BM is None
+                 else forced_BM.astype(jnp.int32).T)
     x0 = jnp.broadcast_to(start_D, (b, 1, m.d_model))
-    (buffer, x_last), thought_SB = jax.lax.scan(
-        think_step, (buffer, x0), (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_SB))
+    (buffer, x_last), thought_MB = jax.lax.scan(
+        think_step, (buffer, x0), (jnp.arange(1, s + 1), jax.random.split(rng, s), forced_MB))
     _, buffer = one_pass(buffer, x_last, cfg.n_ahead - 2)  # keys of the last sampled token
     h_end, _ = one_pass(buffer, jnp.broadcast_to(end_D, (b, 1, m.d_model)), cfg.n_ahead - 1)
-    return h_end[:, 0], thought_SB.T
+    return h_end[:, 0], thought_MB.T
 
 
 def choose(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
@@ -168,24 +169,24 @@ def choose(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arra
         # is still short of top_p.
         kept_B = jnp.sum(jnp.cumsum(probs_BV, -1) - probs_BV < sampling.top_p, -1)
         threshold_B1 = jnp.take_along_axis(sorted_BV, kept_B[:, None] - 1, -1)
-        logits_BV = jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+        logits_BV = jnp.where(logits_BV < threshold_B1, NEG_INF, logits_BV)
     return sample(rng, logits_BV)
 
 
 def step(params: Params, state: DecodeState, forced_token_B: jax.Array | None = None,
-         forced_thought_BS: jax.Array | None = None, *, cfg: QuietStarConfig,
+         forced_thought_BM: jax.Array | None = None, *, cfg: QuietStarConfig,
          sampling: Sampling, thinking: bool) -> tuple[DecodeState, Step]:
     """Think (unless `thinking` is off), choose the next token, speak it into the cache.
 
-    `forced_token_B` / `forced_thought_BS` replace the choices (teacher forcing, for scoring).
+    `forced_token_B` / `forced_thought_BM` replace the choices (teacher forcing, for scoring).
     """
     rng, think_key, speak_key = jax.random.split(state.rng, 3)
     b = state.h_last_BD.shape[0]
     if thinking:
-        h_end_BD, thought_BS = think(params, cfg, state, think_key, forced_thought_BS)
+        h_end_BD, thought_BM = think(params, cfg, state, think_key, forced_thought_BM)
         h_BD, _ = mix(params, cfg, state.h_last_BD, h_end_BD)
     else:
-        h_BD, thought_BS = state.h_last_BD, jnp.zeros((b, 0), jnp.int32)
+        h_BD, thought_BM = state.h_last_BD, jnp.zeros((b, 0), jnp.int32)
     logits_BV = lm_logits(params, cfg, h_BD)
     if forced_token_B is None:
         token_B = choose(mask_thought_logits(logits_BV, cfg), speak_key, sampling)
@@ -193,7 +194,7 @@ def step(params: Params, state: DecodeState, forced_token_B: jax.Array | None = 
         token_B = forced_token_B.astype(jnp.int32)
     state = extend(params, state.replace(rng=rng), token_B[:, None], jnp.ones((b, 1), bool),
                    cfg=cfg)
-    return state, Step(token_B, logits_BV, thought_BS)
+    return state, Step(token_B, logits_BV, thought_BM)
 
 
 class Decoder:
@@ -202,7 +203,7 @@ class Decoder:
     def __init__(self, cfg: QuietStarConfig, sampling: Sampling = Sampling(),
                  thinking: bool = True):
         if thinking and not cfg.thinks:
-            raise ValueError(f"thinking needs n_ahead >= 3, the config has n_ahead={cfg.n_ahead}")
+            raise ConfigError(f"thinking needs n_ahead >= 3, the config has n_ahead={cfg.n_ahead}")
         self.cfg = cfg.replace(n_ahead_talk=1, n_passes=1)
         self.prefill = jax.jit(functools.partial(extend, cfg=self.cfg), donate_argnums=(1,))
         self.step = jax.jit(functools.partial(step, cfg=self.cfg, sampling=sampling,
@@ -212,7 +213,7 @@ class Decoder:
               rng: jax.Array) -> DecodeState:
         """Left-pad the prompts (to a multiple of PROMPT_BUCKET) and prefill them."""
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise DataError("every prompt needs at least one token")
         width = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
         tokens = np.zeros((len(prompts), width), np.int32)
         valid = np.zeros((len(prompts), width), bool)
@@ -247,7 +248,7 @@ def generate(params: Params, cfg: QuietStarConfig, tokenizer, prompts: Sequence[
     Stops a row at EOS, at the first stop string in its continuation, or after max_new_tokens.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     dec = decoder(cfg, sampling, thinking)
     add_bos = tokenizer.bos_id is not None
     ids = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
@@ -258,7 +259,7 @@ def generate(params: Params, cfg: QuietStarConfig, tokenizer, prompts: Sequence[
     texts = [""] * len(prompts)
     for _ in range(max_new_tokens):
         state, out = dec.step(params, state)
-        token_B, thought_BS = np.asarray(out.token_B), np.asarray(out.thought_BS)
+        token_B, thought_BM = np.asarray(out.token_B), np.asarray(out.thought_BM)
         for row in range(len(prompts)):
             if reasons[row] is not None:
                 continue
@@ -266,7 +267,7 @@ def generate(params: Params, cfg: QuietStarConfig, tokenizer, prompts: Sequence[
                 reasons[row] = "eos"
                 continue
             tokens[row].append(int(token_B[row]))
-            thoughts[row].append(thought_BS[row].tolist())
+            thoughts[row].append(thought_BM[row].tolist())
             texts[row] = tokenizer.decode(tokens[row])
             hits = [texts[row].index(s) for s in stop if s in texts[row]]
             if hits:
@@ -300,13 +301,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.show_thoughts and args.no_thoughts:
         parser.error("--show_thoughts and --no_thoughts exclude each other")
-    try:
+    with cli.one_line_errors(2):
         sampling = Sampling(args.temperature, args.top_p)
         cfg, params, tok = loading.load_checkpoint(args.checkpoint)
         out = generate(params, cfg, tok, [args.prompt], max_new_tokens=args.max_new_tokens,
                        sampling=sampling, thinking=not args.no_thoughts, seed=args.seed)[0]
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
     print(out.text)
     if args.show_thoughts:
         print("\n--- thoughts (token <- thought that preceded it) ---")

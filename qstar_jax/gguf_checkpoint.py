@@ -36,12 +36,12 @@ def _gguf_names(n_layers: int) -> dict[str, str]:
     return out
 
 
-def _unpermute_rotary(w_RD: np.ndarray, n_heads: int) -> np.ndarray:
+def _unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's query/key row order: per head it interleaves the two rotary halves
     (rows h0 h1' h0' ...), while HF keeps the halves apart (rotate-half)."""
-    rows = w_RD.shape[0]
-    per_head = w_RD.reshape(n_heads, rows // n_heads // 2, 2, *w_RD.shape[1:])
-    return per_head.swapaxes(1, 2).reshape(w_RD.shape)
+    rows = weight.shape[0]
+    per_head = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+    return per_head.swapaxes(1, 2).reshape(weight.shape)
 
 
 def _gguf_config(fields: dict, tensor_names: set[str], source: Path) -> ModelConfig:

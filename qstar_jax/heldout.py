@@ -3,13 +3,13 @@ difficulty deciles they define, kept in the workdir so that every evaluation (af
 in both arms of an experiment) scores the same tokens against the same difficulty.
 
 Files under `workdir/heldout/`:
-- `rows.npz`: the global rows {"tokens", "mask"} [N, B, L], the same for any number of processes;
+- `rows.npz`: the global rows {"tokens", "mask"} [W, B, L], the same for any number of processes;
 - `start_loss.npy`: float32 [n], the starting model's base-pass loss of each valid held-out token,
   in evaluation order;
 - `losses_<step>.npz`: each evaluation's per-token losses, "base" [n] and "talk" [T, n] (NaN
   where an offset has no target), the most likely next token of the base pass and after
   thinking, "base_argmax" and "think_argmax" [n], and the thought before each, "thoughts"
-  [n, S].
+  [n, M].
 
 Token i of these [n] arrays is the i-th valid target of the rows in order (`targets`).
 """
@@ -20,6 +20,8 @@ import io
 
 import numpy as np
 from etils import epath
+
+from qstar_jax.errors import ConfigError, DataError, PathNotFoundError
 
 DIRECTORY = "heldout"
 ROWS = "rows.npz"
@@ -46,11 +48,11 @@ def _read(path: epath.Path, fix: str = "delete it to choose the held-out set aga
     try:
         return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is unreadable ({e}): {fix}") from None
+        raise DataError(f"{path} is unreadable ({e}): {fix}") from None
 
 
 def read_rows(workdir: str) -> dict[str, np.ndarray] | None:
-    """The saved held-out rows {"tokens", "mask"} [N, B, L] (N batches of B global rows), or
+    """The saved held-out rows {"tokens", "mask"} [W, B, L] (W batches of B global rows), or
     None before the first evaluation."""
     path = directory(workdir) / ROWS
     if not path.exists():
@@ -68,8 +70,8 @@ def host_rows(rows: dict[str, np.ndarray], process_index: int = 0,
     """Host `process_index`'s share of each saved batch (rows [i*B/n, (i+1)*B/n)), as batches."""
     n_rows = rows["tokens"].shape[1]
     if n_rows % process_count:
-        raise ValueError(f"the saved held-out batches have {n_rows} rows, which do not split "
-                         f"over {process_count} processes")
+        raise ConfigError(f"the saved held-out batches have {n_rows} rows, which do not split "
+                          f"over {process_count} processes")
     share = n_rows // process_count
     cut = slice(process_index * share, (process_index + 1) * share)
     return [{k: rows[k][b, cut] for k in ("tokens", "mask")}
@@ -83,8 +85,8 @@ def read_start_loss(workdir: str) -> np.ndarray | None:
         return None
     loss = _read(path)
     if loss.dtype != np.float32 or loss.ndim != 1:
-        raise ValueError(f"{path} holds {loss.dtype} {loss.shape}, not float32 [tokens]: delete "
-                         "it to choose the difficulty deciles again")
+        raise DataError(f"{path} holds {loss.dtype} {loss.shape}, not float32 [tokens]: delete "
+                        "it to choose the difficulty deciles again")
     return loss
 
 
@@ -103,7 +105,7 @@ def write_losses(workdir: str, step: int, arrays: dict[str, np.ndarray]) -> None
 
 
 def targets(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Where each scored token of the saved rows [N, B, L] sits, in the order of the per-token
+    """Where each scored token of the saved rows [W, B, L] sits, in the order of the per-token
     arrays: "row" and "position" j (of the flattened [N * B, L] rows) [n], the token x[j] the
     prediction is made at and the target x[j + 1] [n]. A target is valid where it is a real
     token (scoring.token_losses)."""
@@ -120,7 +122,7 @@ def read_losses(workdir: str, step: int) -> dict[str, np.ndarray]:
     """The per-token losses of the evaluation at `step` (see the module doc)."""
     path = directory(workdir) / f"losses_{step}.npz"
     if not path.exists():
-        raise ValueError(f"{path} does not exist: no evaluation at step {step} in {workdir}")
+        raise PathNotFoundError(f"{path} does not exist: no evaluation at step {step} in {workdir}")
     saved = _read(path, "that evaluation's losses are lost; evaluate the step's checkpoint "
                   "again, or start a new workdir")
     return {k: saved[k] for k in LOSS_KEYS if k in saved}

@@ -26,7 +26,8 @@ import safetensors
 import safetensors.numpy
 
 from qstar_jax.directories import atomic_dir
-from qstar_jax.errors import CheckpointError, CheckpointNotFoundError
+from qstar_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from qstar_jax.json_files import read_json
 from qstar_jax.model import (
     ModelConfig,
     Params,
@@ -185,21 +186,13 @@ def _config_to_hf(cfg: ModelConfig, model_type: str, dtype: str,
     return out
 
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
 def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     """The ModelConfig of an HF directory (config.json only), with RUNTIME_FIELDS overrides."""
     check_runtime_overrides(overrides)
     path = _existing_dir(path)
-    return config_from_hf(_read_json(path / "config.json"), path / "config.json").replace(
-        **overrides)
+    file = path / "config.json"
+    raw = read_json(file, CheckpointError, CheckpointNotFoundError)
+    return config_from_hf(raw, file).replace(**overrides)
 
 # ----------------------------------------------------------------------------- tensor layout
 
@@ -313,7 +306,8 @@ class _TensorFiles:
         self.directory = directory
         index = directory / INDEX
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index, CheckpointError, CheckpointNotFoundError).get(
+                "weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no weight_map")
             self.source = index
@@ -434,7 +428,8 @@ def read_quiet_star_settings(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = _existing_dir(path)
     added_file, config_file = path / "added_tokens.json", path / "config.json"
-    added, config = _read_json(added_file), _read_json(config_file)
+    added, config = (read_json(file, CheckpointError, CheckpointNotFoundError)
+                     for file in (added_file, config_file))
     ids = {}
     for key, token in (("start_thought_id", START_THOUGHT), ("end_thought_id", END_THOUGHT)):
         value = added.get(token) if isinstance(added, dict) else None
@@ -537,9 +532,9 @@ def to_hf(params: Params, cfg: ModelConfig, path: str | os.PathLike, *,
     path = Path(path)
     model_type = model_type or model_type_of(cfg)
     if problem := _inexpressible(cfg, model_type):
-        raise ValueError(f"to_hf: {problem}")
+        raise CheckpointError(f"to_hf: {problem}")
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"to_hf: dtype {dtype!r} is not one of float32, bfloat16, float16")
+        raise ConfigError(f"to_hf: dtype {dtype!r} is not one of float32, bfloat16, float16")
     thoughts = is_quiet_star(params)
     if quiet_star is not None:
         if not thoughts:

@@ -28,6 +28,8 @@ import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers
 
+from qstar_jax.errors import ConfigError
+
 PAD, EOS, EQUALS, BAR = "<pad>", "<eos>", "=", "|"
 VOCABULARY = (PAD, EOS, *"0123456789", EQUALS, BAR)
 ID = {token: i for i, token in enumerate(VOCABULARY)}  # the task tokenizer's ids
@@ -67,14 +69,14 @@ TASK_KEYS = ("steps", "worked_fraction")  # the keys a `data` section of this so
 def check_config(config: ml_collections.ConfigDict) -> None:
     """The `data` section's task keys are there and usable."""
     if missing := [k for k in TASK_KEYS if k not in config]:
-        raise ValueError(f"data.source='known_answer' needs data.{', data.'.join(missing)} "
-                         "(configs/known_answer.py has them)")
+        raise ConfigError(f"data.source='known_answer' needs data.{', data.'.join(missing)} "
+                          "(configs/known_answer.py has them)")
     if config.steps < 2:
-        raise ValueError(f"data.steps={config.steps}: the task needs at least 2 digits")
+        raise ConfigError(f"data.steps={config.steps}: the task needs at least 2 digits")
     if not 0.0 <= config.worked_fraction <= 1.0:
-        raise ValueError(f"data.worked_fraction={config.worked_fraction}: must be in [0, 1]")
+        raise ConfigError(f"data.worked_fraction={config.worked_fraction}: must be in [0, 1]")
     if config.num_synthetic < 1:
-        raise ValueError(f"data.num_synthetic={config.num_synthetic}: must be >= 1")
+        raise ConfigError(f"data.num_synthetic={config.num_synthetic}: must be >= 1")
 
 
 def splits(config: ml_collections.ConfigDict, is_heldout) -> tuple[list[str], list[str]]:
@@ -107,19 +109,19 @@ def save_tokenizer(directory: str) -> None:
 
 # ----------------------------------------------------------------------------- grading
 
-def answer_positions(tokens_NL: np.ndarray) -> np.ndarray:
+def answer_positions(tokens_BL: np.ndarray) -> np.ndarray:
     """bool [..., L]: the positions j whose token is "=", where x[j + 1] is the answer."""
-    return np.asarray(tokens_NL) == ID[EQUALS]
+    return np.asarray(tokens_BL) == ID[EQUALS]
 
 
-def correct_steps(tokens_NL: np.ndarray, steps: int) -> np.ndarray:
-    """The right thought at each "=" [N, L, steps]: the running sums of the `steps` digits
+def correct_steps(tokens_BL: np.ndarray, steps: int) -> np.ndarray:
+    """The right thought at each "=" [B, L, steps]: the running sums of the `steps` digits
     before it, as token ids; pad ids at the other positions."""
-    tokens_NL = np.asarray(tokens_NL)
+    tokens_BL = np.asarray(tokens_BL)
     value = {int(i): d for d, i in enumerate(DIGIT_IDS)}
-    out = np.full(tokens_NL.shape + (steps,), ID[PAD], np.int32)
-    for n, j in zip(*np.nonzero(answer_positions(tokens_NL)), strict=True):
-        digits = [value.get(int(t), 0) for t in tokens_NL[n, max(j - steps, 0):j]]
+    out = np.full(tokens_BL.shape + (steps,), ID[PAD], np.int32)
+    for n, j in zip(*np.nonzero(answer_positions(tokens_BL)), strict=True):
+        digits = [value.get(int(t), 0) for t in tokens_BL[n, max(j - steps, 0):j]]
         if digits:
             out[n, j, :len(digits)] = DIGIT_IDS[running_sums(digits)]
     return out

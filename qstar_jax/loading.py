@@ -24,7 +24,7 @@ from qstar_jax import checkpoint, data, hf_checkpoint, known_answer
 from qstar_jax import tokenizer as tokenizer_lib
 from qstar_jax.config import SIZE_KEYS, check_model_keys, quiet_star_config
 from qstar_jax.directories import copy_files, local_dir
-from qstar_jax.errors import CheckpointError, CheckpointNotFoundError
+from qstar_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError
 from qstar_jax.gguf_checkpoint import demo_dir
 from qstar_jax.model import RUNTIME_FIELDS, ModelConfig, Params, init_params, is_quiet_star
 from qstar_jax.thoughts import N_THOUGHT_TOKENS, QuietStarConfig, add_thought_params
@@ -68,11 +68,11 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     if model.source == "random":
         task_vocab = len(known_answer.VOCABULARY)
         if config.data.source == "known_answer" and model.vocab_size != task_vocab:
-            raise ValueError(f"model.vocab_size={model.vocab_size}: the known-answer task's "
-                             f"tokenizer has {task_vocab} tokens; set it to that")
+            raise ConfigError(f"model.vocab_size={model.vocab_size}: the known-answer task's "
+                              f"tokenizer has {task_vocab} tokens; set it to that")
         tok = workdir_tokenizer(config, workdir)
         if (tok.start_thought_id, tok.end_thought_id) != (tok.vocab_size - 2, tok.vocab_size - 1):
-            raise ValueError(f"{tok}: a random model needs the thought tokens after the vocabulary")
+            raise DataError(f"{tok}: a random model needs the thought tokens after the vocabulary")
         sizes = {k: model[k] for k in SIZE_KEYS if k != "vocab_size"}
         model_cfg = ModelConfig(vocab_size=tok.vocab_size, **sizes, **runtime)
         cfg = quiet_star_config(config.quiet_star, model_cfg, tok)
@@ -91,8 +91,8 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
         return Model(cfg, tok, _init_token(tok, cfg.init_text),
                      lambda: _checked(loaded(), True, where))
     if sorted(thought_ids) != [model_cfg.vocab_size, model_cfg.vocab_size + 1]:
-        raise ValueError(f"{tok}: thought tokens at {thought_ids}, but a model with "
-                         f"{model_cfg.vocab_size} rows needs them at the next two ids")
+        raise CheckpointError(f"{tok}: thought tokens at {thought_ids}, but a model with "
+                              f"{model_cfg.vocab_size} rows needs them at the next two ids")
     grown = model_cfg.replace(vocab_size=model_cfg.vocab_size + N_THOUGHT_TOKENS)
     cfg = quiet_star_config(config.quiet_star, grown, tok)
     init_token = _init_token(tok, cfg.init_text)
@@ -108,7 +108,8 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
 def _checked(params: Params, thoughts: bool, source: str) -> Params:
     if is_quiet_star(params) != thoughts:
         kind = "Quiet-STaR" if thoughts else "plain"
-        raise ValueError(f"{source}: its tokenizer says a {kind} model, its weights say otherwise")
+        raise CheckpointError(f"{source}: its tokenizer says a {kind} model, its weights say "
+                              "otherwise")
     return params
 
 
@@ -116,7 +117,7 @@ def _init_token(tok: tokenizer_lib.Tokenizer, text: str) -> int:
     """The first token of `text` (quiet_star.init_text)."""
     ids = tok.encode(text)
     if not ids:
-        raise ValueError(f"quiet_star.init_text={text!r} encodes to no tokens with {tok}")
+        raise ConfigError(f"quiet_star.init_text={text!r} encodes to no tokens with {tok}")
     return ids[0]
 
 
@@ -136,7 +137,7 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokeni
                 else:
                     tokenizer_lib.train_sentencepiece(texts, config.model.vocab_size, tmp)
             except tokenizer_lib.VocabularyTooLarge as e:
-                raise ValueError(
+                raise ConfigError(
                     f"model.vocab_size={config.model.vocab_size} is more than the training "
                     f"text supports for the random model's tokenizer (at most {e.most} pieces): "
                     f"set --config.model.vocab_size={e.most} or less, or give more text"
@@ -197,15 +198,15 @@ def load_checkpoint(path: str, step: int | None = None
         _, model, params = load_run(path, step)
         return model.cfg, params, model.tokenizer
     if step is not None:
-        raise ValueError(f"{path}: an HF directory holds one model, not saved steps (step {step})")
+        raise ConfigError(f"{path}: an HF directory holds one model, not saved steps (step {step})")
     return _load_hf(path)
 
 
 def _load_hf(path: str) -> tuple[QuietStarConfig, Params, tokenizer_lib.Tokenizer]:
     model_cfg, params = hf_checkpoint.from_hf(path, remat_policy="none")
     if not is_quiet_star(params):
-        raise ValueError(f"{path}: not a Quiet-STaR checkpoint (no start_embedding, "
-                         "end_embedding and talk_head tensors)")
+        raise CheckpointError(f"{path}: not a Quiet-STaR checkpoint (no start_embedding, "
+                              "end_embedding and talk_head tensors)")
     settings = hf_checkpoint.read_quiet_star_settings(path)
     tok = tokenizer_lib.load(path)
     settings.setdefault("pad_id", tok.pad_id)
@@ -213,6 +214,6 @@ def _load_hf(path: str) -> tuple[QuietStarConfig, Params, tokenizer_lib.Tokenize
     ours, theirs = ((tok.start_thought_id, tok.end_thought_id),
                     (cfg.start_thought_id, cfg.end_thought_id))
     if ours != theirs:
-        raise ValueError(f"{path}: tokenizer thought ids {ours} differ from the checkpoint's "
-                         f"{theirs}")
+        raise CheckpointError(f"{path}: tokenizer thought ids {ours} differ from the checkpoint's "
+                              f"{theirs}")
     return cfg, params, tok

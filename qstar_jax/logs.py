@@ -8,6 +8,8 @@ import jax
 import tensorboardX
 from etils import epath
 
+from qstar_jax import json_files
+
 METRICS_FILE = "metrics.jsonl"
 THOUGHTS_FILE = "thoughts.jsonl"  # {"step", "thoughts": [decoded samples]} per evaluation
 
@@ -32,7 +34,7 @@ class MetricsLog:
         self.remote = "://" in workdir
         self.records: list[dict] = []
         if start_step and self.path.exists():
-            self.records = [r for r in map(json.loads, self.path.read_text().splitlines())
+            self.records = [r for _, r in json_files.read_jsonl(self.path)
                             if r["step"] <= start_step]
         self._rewrite()
         self.tb = tensorboardX.SummaryWriter(str(epath.Path(workdir) / "tensorboard"),

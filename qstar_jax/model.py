@@ -8,9 +8,9 @@ Attention over many keys (more than `ModelConfig.attention_block`, given as a `S
 block by block with an online softmax (`span_attention`): memory linear in the keys, forward and
 backward.
 
-Shape suffixes: B batch, L new tokens, S prefix keys, C chain keys per token, D model width,
-H query heads, K key/value heads, G = H // K, E head width, F ffn width, V vocabulary, N layers,
-X keys of one block.
+Shapes (the package's letters, `qstar_jax/__init__.py`): B batch, L new tokens, S prefix keys,
+C chain keys per token, D model width, H query heads, K key/value heads, G = H // K, E head
+width, F ffn width, V vocabulary, N layers, X keys of one block, Z blocks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from qstar_jax.errors import ConfigError, ConfigTypeError
+
 Params = dict[str, Any]
+# The score or logit of what cannot happen (a hidden key, a token never drawn), package-wide.
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
@@ -62,13 +65,13 @@ class ModelConfig:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
             )
         if self.remat_policy != "none" and not hasattr(jax.checkpoint_policies, self.remat_policy):
-            raise ValueError(f"unknown remat_policy {self.remat_policy!r}")
+            raise ConfigError(f"unknown remat_policy {self.remat_policy!r}")
         if self.attention_block < 1:
-            raise ValueError(f"attention_block={self.attention_block} must be >= 1")
+            raise ConfigError(f"attention_block={self.attention_block} must be >= 1")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -93,8 +96,8 @@ def check_runtime_overrides(overrides: dict) -> None:
     only."""
     unknown = sorted(set(overrides) - set(RUNTIME_FIELDS))
     if unknown:
-        raise TypeError(f"only {', '.join(RUNTIME_FIELDS)} can be set on import, not "
-                        f"{', '.join(unknown)} (those come from the checkpoint)")
+        raise ConfigTypeError(f"only {', '.join(RUNTIME_FIELDS)} can be set on import, not "
+                              f"{', '.join(unknown)} (those come from the checkpoint)")
 
 
 def is_quiet_star(params: Params) -> bool:
@@ -320,7 +323,7 @@ def span_attention(q_BLKGE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, spa
 
 def _key_blocks(block: int, k_BSKE: jax.Array, v_BSKE: jax.Array,
                 span: Span) -> tuple[jax.Array, ...]:
-    """Keys, values [N, B, X, K, E], key positions and valid flags [N, B, X]: N = ceil(S / X)
+    """Keys, values [Z, B, X, K, E], key positions and valid flags [Z, B, X]: Z = ceil(S / X)
     blocks of X keys, the last padded with invalid keys."""
     s = k_BSKE.shape[1]
     n = -(-s // block)
@@ -396,8 +399,8 @@ def _span_backward(block, saved, cotangents):
     d_q, (d_k, d_v) = jax.lax.scan(body, jnp.zeros(q_BLKGE.shape, jnp.float32),
                                    _key_blocks(block, k_BSKE, v_BSKE, span))
     s = k_BSKE.shape[1]
-    joined = lambda x_NBX: jnp.moveaxis(x_NBX, 0, 1).reshape(  # noqa: E731
-        (x_NBX.shape[1], -1) + x_NBX.shape[3:])[:, :s]
+    joined = lambda x_ZBX: jnp.moveaxis(x_ZBX, 0, 1).reshape(  # noqa: E731
+        (x_ZBX.shape[1], -1) + x_ZBX.shape[3:])[:, :s]
     return (d_q.astype(q_BLKGE.dtype), joined(d_k).astype(k_BSKE.dtype),
             joined(d_v).astype(v_BSKE.dtype), None)
 
@@ -405,7 +408,7 @@ def _span_backward(block, saved, cotangents):
 _span_attention.defvjp(_span_forward, _span_backward)
 
 
-def _dense_if_small(masks: Masks, block: int) -> Masks:
+def dense_if_small(masks: Masks, block: int) -> Masks:
     """Spans of at most `block` keys as dense masks (what `attend` makes of them), built once
     for all layers rather than in each."""
     small = lambda m: m.dense() if isinstance(m, Span) and m.key_pos_BS.shape[1] <= block else m  # noqa: E731
@@ -497,9 +500,9 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD, layer_kv, positions_BL, masks: Masks):
+    def __call__(self, x_BLD, prefix_chain, positions_BL, masks: Masks):
         cfg = self.cfg
-        prefix, chain = layer_kv
+        prefix, chain = prefix_chain
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa: E731
         y, k, v = Attention(cfg, name="attn")(norm("attn_norm")(x_BLD), positions_BL, masks,
                                               prefix, chain)
@@ -556,15 +559,15 @@ class Transformer(nn.Module):
                ctx: Context) -> tuple[jax.Array, KeyValues]:
         """Final-normed hidden states [B, L, D] and the new keys/values [N, B, L, K, E]."""
 
-        masks = _dense_if_small(ctx.masks, self.cfg.attention_block)
+        masks = dense_if_small(ctx.masks, self.cfg.attention_block)
         if self.cfg.scan_layers:
-            layer_kv = (_layer_kv(ctx.prefix), _layer_kv(ctx.chain))
-            x_BLD, (k, v) = self.layers(x_BLD, layer_kv, positions_BL, masks)
+            prefix_chain = (layer_kv(ctx.prefix), layer_kv(ctx.chain))
+            x_BLD, (k, v) = self.layers(x_BLD, prefix_chain, positions_BL, masks)
         else:
             ks, vs = [], []
             for i, layer in enumerate(self.layers):
-                layer_kv = (_layer_kv(ctx.prefix, i), _layer_kv(ctx.chain, i))
-                x_BLD, (k, v) = layer(x_BLD, layer_kv, positions_BL, masks)
+                prefix_chain = (layer_kv(ctx.prefix, i), layer_kv(ctx.chain, i))
+                x_BLD, (k, v) = layer(x_BLD, prefix_chain, positions_BL, masks)
                 ks.append(k)
                 vs.append(v)
             k, v = jnp.stack(ks), jnp.stack(vs)
@@ -579,97 +582,12 @@ class Transformer(nn.Module):
         return out.astype(jnp.float32)
 
 
-def _layer_kv(kv: KeyValues | None, i: int | None = None) -> tuple[jax.Array, jax.Array] | None:
+def layer_kv(kv: KeyValues | None, i: int | None = None) -> tuple[jax.Array, jax.Array] | None:
     """Keys and values of every layer as the layer scan reads them ([N, ...] each), or of layer
     `i`; None without any."""
     if kv is None:
         return None
     return (kv.k, kv.v) if i is None else (kv.k[i], kv.v[i])
-
-
-# ----------------------------------------------------------------------------- threaded layers
-
-
-def hidden_states(cfg: ModelConfig, params: Params, x_BLD: jax.Array, positions_BL: jax.Array,
-                  ctx: Context) -> tuple[jax.Array, KeyValues, Params]:
-    """`Transformer.hidden` of the decoder `params`, and `params` passed through unchanged.
-
-    With scanned layers rematerialised as "nothing_saveable" (`threads_layer_gradients`), the
-    backward pass adds each layer's parameter gradient into the cotangent of the returned params,
-    in place: calls that take their params from the call before them then sum all their layer
-    gradients in one buffer, where calls on the same params would each fill a gradient of all
-    the layers, all summed at the end. The gradients are the same either way.
-    """
-    if not threads_layer_gradients(cfg):
-        h_BLD, kv = Transformer(cfg).apply({"params": params}, x_BLD, positions_BL, ctx,
-                                           method="hidden")
-        return h_BLD, kv, params
-    masks = _dense_if_small(ctx.masks, cfg.attention_block)
-    x_BLD, k, v, layers = _layer_stack(cfg, params["layers"], x_BLD, positions_BL, masks,
-                                       _layer_kv(ctx.prefix), _layer_kv(ctx.chain))
-    h_BLD = Transformer(cfg).apply({"params": params}, x_BLD,
-                                   method=lambda module, x: module.final_norm(x))
-    return h_BLD, KeyValues(k, v), {**params, "layers": layers}
-
-
-def threads_layer_gradients(cfg: ModelConfig) -> bool:
-    """Whether `hidden_states` sums the layer gradients into its returned params' cotangent."""
-    return cfg.scan_layers and cfg.remat_policy == "nothing_saveable"
-
-
-def _block(cfg: ModelConfig, layer: Params, x_BLD: jax.Array, prefix, chain,
-           positions_BL: jax.Array, masks: Masks) -> tuple[jax.Array, tuple]:
-    return Block(cfg).apply({"params": layer}, x_BLD, (prefix, chain), positions_BL, masks)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _layer_stack(cfg: ModelConfig, layers: Params, x_BLD: jax.Array, positions_BL: jax.Array,
-                 masks: Masks, prefix, chain) -> tuple[jax.Array, jax.Array, jax.Array, Params]:
-    """The scanned layers: (output [B, L, D], new keys and values [N, ...], `layers`)."""
-    x_BLD, (k, v), _ = _stack_forward(cfg, layers, x_BLD, positions_BL, masks, prefix, chain)
-    return x_BLD, k, v, layers
-
-
-def _stack_forward(cfg, layers, x_BLD, positions_BL, masks, prefix, chain):
-    def body(x_BLD, xs):
-        layer, prefix_i, chain_i = xs
-        y_BLD, kv = _block(cfg, layer, x_BLD, prefix_i, chain_i, positions_BL, masks)
-        return y_BLD, (kv, x_BLD)
-
-    x_BLD, (kv, inputs_NBLD) = jax.lax.scan(body, x_BLD, (layers, prefix, chain))
-    return x_BLD, kv, inputs_NBLD
-
-
-def _stack_fwd(cfg, layers, x_BLD, positions_BL, masks, prefix, chain):
-    x_BLD, (k, v), inputs_NBLD = _stack_forward(cfg, layers, x_BLD, positions_BL, masks, prefix,
-                                                chain)
-    # Only the layers' inputs are kept: each layer is recomputed in the backward pass, as
-    # "nothing_saveable" rematerialisation does.
-    return (x_BLD, k, v, layers), (layers, inputs_NBLD, positions_BL, masks, prefix, chain)
-
-
-def _stack_bwd(cfg, saved, cotangents):
-    layers, inputs_NBLD, positions_BL, masks, prefix, chain = saved
-    ct_x_BLD, ct_k, ct_v, ct_layers = cotangents
-
-    def body(carry, xs):
-        ct_x_BLD, total = carry
-        i, layer, x_BLD, prefix_i, chain_i, ct_k_i, ct_v_i = xs
-        _, vjp = jax.vjp(lambda p, x, a, b: _block(cfg, p, x, a, b, positions_BL, masks),
-                         layer, x_BLD, prefix_i, chain_i)
-        d_layer, ct_x_BLD, d_prefix_i, d_chain_i = vjp((ct_x_BLD, (ct_k_i, ct_v_i)))
-        # Layer i's gradient added to row i of the running total, in place.
-        total = jax.tree.map(lambda t, d: jax.lax.dynamic_update_index_in_dim(
-            t, jax.lax.dynamic_index_in_dim(t, i, keepdims=False) + d, i, 0), total, d_layer)
-        return (ct_x_BLD, total), (d_prefix_i, d_chain_i)
-
-    (ct_x_BLD, total), (d_prefix, d_chain) = jax.lax.scan(
-        body, (ct_x_BLD, ct_layers),
-        (jnp.arange(cfg.n_layers), layers, inputs_NBLD, prefix, chain, ct_k, ct_v), reverse=True)
-    return total, ct_x_BLD, None, None, d_prefix, d_chain
-
-
-_layer_stack.defvjp(_stack_fwd, _stack_bwd)
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -2,7 +2,7 @@
 (and the next-token losses that RLP, `rlp.py`, shares).
 
 Shapes: B batch, P rationales, T talk offsets, L positions, J = L - T - 1 rewarded positions,
-S sampled thought tokens.
+M sampled thought tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def label_mask(batch: dict, cfg: QuietStarConfig) -> jax.Array:
     return batch["tokens"] != cfg.pad_id if mask is None else mask.astype(bool)
 
 
-def reinforce_terms(ce0_BL: jax.Array, ce_talk_BPTL: jax.Array, logprob_BPLS: jax.Array,
+def reinforce_terms(ce0_BL: jax.Array, ce_talk_BPTL: jax.Array, logprob_BPLM: jax.Array,
                     cfg: QuietStarConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Rewards [B, P, J], detached advantages [B, P, J] and the policy loss (a scalar).
 
@@ -40,15 +40,20 @@ def reinforce_terms(ce0_BL: jax.Array, ce_talk_BPTL: jax.Array, logprob_BPLS: ja
         [ce0_BL[:, None, t:t + j] - ce_talk_BPTL[:, :, t, :j] for t in range(t_talk)], 2)
     reward_BPJ = jnp.sum(gain_BPTJ, axis=2)
     advantage_BPJ = reward_BPJ
-    if cfg.use_trice_baseline and cfg.n_passes > 1:
+    if cfg.use_trice_baseline and cfg.n_rationales > 1:
         advantage_BPJ = reward_BPJ - jnp.mean(reward_BPJ, axis=1, keepdims=True)
     if cfg.remove_negative_rewards:
         advantage_BPJ = jnp.maximum(advantage_BPJ, 0.0)
     advantage_BPJ = jax.lax.stop_gradient(advantage_BPJ)
-    if logprob_BPLS.shape[-1] == 0:
+    if logprob_BPLM.shape[-1] == 0:
         return reward_BPJ, advantage_BPJ, jnp.zeros(())
-    policy_loss = jnp.mean(-advantage_BPJ[..., None] * logprob_BPLS[:, :, :j])
+    policy_loss = jnp.mean(-advantage_BPJ[..., None] * logprob_BPLM[:, :, :j])
     return reward_BPJ, advantage_BPJ, policy_loss
+
+
+def target_validity(mask_BL: jax.Array, t_talk: int) -> jax.Array:
+    """[B, T, L] bool: x[j+1+t], the target of talk offset t at position j, exists and counts."""
+    return jnp.stack([shifted(mask_BL, t + 1, False) for t in range(t_talk)], 1)
 
 
 def base_losses(base_logits_BLV: jax.Array, tokens_BL: jax.Array, mask_BL: jax.Array
@@ -78,7 +83,7 @@ def next_token_losses(ro: Rollout, tokens_BL: jax.Array, mask_BL: jax.Array,
     ce0_BL, loss_base = base_losses(ro.base_logits, tokens_BL, mask_BL)
     t_talk = cfg.n_ahead_talk
     # CE_talk_t[j] = -log p_mix(x[j+1+t]), label validity shifted likewise.
-    valid_BTL = jnp.stack([shifted(mask_BL, t + 1, False) for t in range(t_talk)], 1)
+    valid_BTL = target_validity(mask_BL, t_talk)
     talk_valid_BPTL = jnp.broadcast_to(valid_BTL[:, None], ro.talk_logprobs.shape)
     ce_talk_BPTL = jnp.where(talk_valid_BPTL, -ro.talk_logprobs, 0.0)
     loss_talk_T = jnp.stack([masked_mean(ce_talk_BPTL[:, :, t], talk_valid_BPTL[:, :, t])

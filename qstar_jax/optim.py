@@ -12,6 +12,8 @@ import jax
 import ml_collections
 import optax
 
+from qstar_jax.errors import ConfigError
+
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -38,14 +40,14 @@ def learning_rate_fn(config: ml_collections.ConfigDict, train_steps: int) -> opt
     """The learning rate at each optimizer update (count from 0; micro-batches do not count)."""
     lr, warmup = config.learning_rate, config.warmup_steps
     if config.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule={config.schedule!r}: expected one of {list(SCHEDULES)}")
+        raise ConfigError(f"optim.schedule={config.schedule!r}: expected one of {list(SCHEDULES)}")
     if warmup < 0 or lr < 0:
-        raise ValueError(f"optim.warmup_steps={warmup} and optim.learning_rate={lr} must be >= 0")
+        raise ConfigError(f"optim.warmup_steps={warmup} and optim.learning_rate={lr} must be >= 0")
     if config.schedule == "constant":
         after = optax.constant_schedule(lr)
     elif train_steps <= warmup:
-        raise ValueError(f"optim.schedule={config.schedule!r} decays over train_steps="
-                         f"{train_steps}, which must exceed optim.warmup_steps={warmup}")
+        raise ConfigError(f"optim.schedule={config.schedule!r} decays over train_steps="
+                          f"{train_steps}, which must exceed optim.warmup_steps={warmup}")
     elif config.schedule == "linear":
         after = optax.linear_schedule(lr, 0.0, train_steps - warmup)
     else:
@@ -81,9 +83,9 @@ def make_optimizer(config: ml_collections.ConfigDict,
                    train_steps: int) -> optax.GradientTransformation:
     """AdamW per `config` (see `default_config`); `train_steps` counts optimizer updates."""
     if config.grad_clip_norm < 0:
-        raise ValueError(f"optim.grad_clip_norm={config.grad_clip_norm} must be >= 0 (0: none)")
+        raise ConfigError(f"optim.grad_clip_norm={config.grad_clip_norm} must be >= 0 (0: none)")
     if config.mixing_head_lr_scale <= 0:
-        raise ValueError(f"optim.mixing_head_lr_scale={config.mixing_head_lr_scale} must be > 0")
+        raise ConfigError(f"optim.mixing_head_lr_scale={config.mixing_head_lr_scale} must be > 0")
     adamw = optax.adamw(learning_rate_fn(config, train_steps), b1=config.b1, b2=config.b2,
                         eps=config.eps, weight_decay=config.weight_decay, mask=_decay_mask)
     if config.mixing_head_lr_scale != 1.0:

@@ -7,10 +7,12 @@ import os
 
 from etils import epath
 
+from qstar_jax.errors import ConfigError, PathNotFoundError
+
 
 def prepare_workdir(workdir: str, process_index: int = 0) -> None:
-    """Create `workdir` if needed and check that files can be written there; a one-line
-    ValueError naming it otherwise."""
+    """Create `workdir` if needed and check that files can be written there; a ConfigError
+    naming it otherwise."""
     path = epath.Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -18,23 +20,23 @@ def prepare_workdir(workdir: str, process_index: int = 0) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); choose "
-                         "a directory you can write to") from None
+        raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); choose "
+                          "a directory you can write to") from None
 
 
 def check_output_file(path: str, flag: str = "--out") -> None:
-    """`path` can be written (its directory exists and takes a file); a one-line ValueError
+    """`path` can be written (its directory exists and takes a file); an InputError
     naming the flag otherwise. Nothing is left behind."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise ValueError(f"{flag}={path}: the directory {directory} does not exist; create it "
-                         "or choose another path")
+        raise PathNotFoundError(f"{flag}={path}: the directory {directory} does not exist; "
+                                "create it or choose another path")
     existed = os.path.exists(path)
     try:
         with open(path, "a", encoding="utf-8"):
             pass
     except OSError as e:
-        raise ValueError(f"{flag}={path}: cannot write it ({e.strerror or e}); choose another "
-                         "path") from None
+        raise ConfigError(f"{flag}={path}: cannot write it ({e.strerror or e}); choose another "
+                          "path") from None
     if not existed:
         os.remove(path)

@@ -16,7 +16,7 @@ gradient: only the thought tokens' log-probs do, and there is no next-token loss
 importance ratio is then 1 in value (its gradient is the score function).
 
 Shapes: B batch, P rationales (the paper's group of G), T talk offsets, L positions,
-J = L - T rewarded positions (every position whose T targets exist), S sampled thought tokens.
+J = L - T rewarded positions (every position whose T targets exist), M sampled thought tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qstar_jax.errors import ConfigError
 from qstar_jax.model import Params
 from qstar_jax.objective import (
     label_mask,
@@ -67,21 +68,21 @@ def information_gain(talk_logprobs_BPTL: jax.Array, ema_logprobs_BL: jax.Array,
 
 
 def group_advantages(reward_BPJ: jax.Array) -> jax.Array:
-    """A = G / (G - 1) * (r - mean_G r) over the G = P rationales of each position, detached."""
+    """A = G / (G - 1) * (r - mean r) over the G = P rationales of each position, detached."""
     g = reward_BPJ.shape[1]
     if g < 2:
-        raise ValueError(f"objective='rlp' with n_passes={g}: the advantage compares the "
-                         "rationales of a position, so it needs n_passes >= 2")
+        raise ConfigError(f"objective='rlp' with n_passes={g}: the advantage compares the "
+                          "rationales of a position, so it needs n_passes >= 2")
     advantage = g / (g - 1) * (reward_BPJ - jnp.mean(reward_BPJ, axis=1, keepdims=True))
     return jax.lax.stop_gradient(advantage)
 
 
-def clipped_surrogate(logprob_BPJS: jax.Array, behaviour_BPJS: jax.Array,
+def clipped_surrogate(logprob_BPJM: jax.Array, behaviour_BPJM: jax.Array,
                       advantage_BPJ: jax.Array, clip_low: float = CLIP_LOW,
                       clip_high: float = CLIP_HIGH) -> jax.Array:
-    """Per-thought losses [B, P, J] of eq. 8, -1/S sum_u min(rho A, clip(rho) A), with
+    """Per-thought losses [B, P, J] of eq. 8, -1/M sum_u min(rho A, clip(rho) A), with
     rho = exp(log pi - log pi_behaviour) per thought token."""
-    ratio = jnp.exp(logprob_BPJS - behaviour_BPJS)
+    ratio = jnp.exp(logprob_BPJM - behaviour_BPJM)
     a = advantage_BPJ[..., None]
     clipped = jnp.clip(ratio, 1 - clip_low, 1 + clip_high)
     return -jnp.mean(jnp.minimum(ratio * a, clipped * a), axis=-1)
@@ -103,9 +104,9 @@ def rlp_loss(params: Params, batch: dict, rng: jax.Array, cfg: QuietStarConfig,
     reward_BPJ = information_gain(jax.lax.stop_gradient(ro.talk_logprobs), ema_BL, ce.valid_BTL)
     advantage_BPJ = group_advantages(reward_BPJ)
     j = reward_BPJ.shape[-1]
-    logprob_BPJS = ro.thought_logprobs[:, :, :j]
+    logprob_BPJM = ro.thought_logprobs[:, :, :j]
     # The thoughts were drawn by these parameters: the behaviour policy is the policy itself.
-    loss_BPJ = clipped_surrogate(logprob_BPJS, jax.lax.stop_gradient(logprob_BPJS), advantage_BPJ)
+    loss_BPJ = clipped_surrogate(logprob_BPJM, jax.lax.stop_gradient(logprob_BPJM), advantage_BPJ)
     counts_BPJ = jnp.broadcast_to(ce.valid_BTL[:, None, 0, :j], reward_BPJ.shape)  # x[j+1] counts
     mean = lambda x_BPJ: masked_mean(x_BPJ, counts_BPJ)  # noqa: E731
     policy_loss = mean(loss_BPJ)

@@ -2,7 +2,7 @@
 predicting the next tokens (one rationale; the spec's "Evaluation semantics"). Training's held-out
 losses, `evaluate`, `visualize` and the experiment all score through this module.
 
-Shapes: B batch, L positions, T talk offsets, S sampled thought tokens.
+Shapes: B batch, L positions, T talk offsets, M sampled thought tokens.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from qstar_jax.model import Params
-from qstar_jax.rollout import rollout, shifted
-from qstar_jax.thoughts import QuietStarConfig, mask_thought_logits, token_logprob
+from qstar_jax.objective import base_losses, target_validity
+from qstar_jax.rollout import rollout
+from qstar_jax.thoughts import QuietStarConfig, mask_thought_logits
 
 
 def evaluation_config(cfg: QuietStarConfig, talk_offsets: bool = True) -> QuietStarConfig:
@@ -34,7 +35,7 @@ class TokenLosses:
     base: jax.Array  # [B, L] -log p_base(x[j+1])
     talk: jax.Array  # [B, T, L] -log p_mix(x[j+1+t])
     valid: jax.Array  # [B, T, L] bool: the target exists and is not masked
-    thoughts: jax.Array  # [B, L, S] int32, the thought at each position
+    thoughts: jax.Array  # [B, L, M] int32, the thought at each position
     base_argmax: jax.Array  # [B, L] int32: the base pass's most likely x[j+1]
     think_argmax: jax.Array  # [B, L] int32: the most likely x[j+1] after thinking at j
 
@@ -50,9 +51,8 @@ def token_losses(params: Params, tokens_BL: jax.Array, mask_BL: jax.Array, rng: 
     cfg = evaluation_config(cfg, talk_offsets)
     ro = rollout(params, tokens_BL, mask_BL, rng, cfg, return_talk_argmax=cfg.thinks)
     t_talk = cfg.n_ahead_talk if cfg.thinks else 1
-    valid_BTL = jnp.stack([shifted(mask_BL, t + 1, False) for t in range(t_talk)], 1)
-    base_BL = jnp.where(valid_BTL[:, 0],
-                        -token_logprob(ro.base_logits, shifted(tokens_BL, 1)), 0.0)
+    valid_BTL = target_validity(mask_BL, t_talk)
+    base_BL, _ = base_losses(ro.base_logits, tokens_BL, mask_BL)
     talk_BTL = -ro.talk_logprobs[:, 0] if cfg.thinks else base_BL[:, None]
     base_argmax = jnp.argmax(mask_thought_logits(ro.base_logits, cfg), -1).astype(jnp.int32)
     return TokenLosses(base=base_BL, talk=jnp.where(valid_BTL, talk_BTL, 0.0), valid=valid_BTL,

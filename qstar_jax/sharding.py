@@ -21,6 +21,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qstar_jax.errors import ConfigError
 from qstar_jax.model import abstract_params
 from qstar_jax.thoughts import MixingHead, QuietStarConfig
 
@@ -68,19 +69,19 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int,
     shape = [int(sizes[a]) for a in MESH_AXES]
     text = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True))
     if any(s < -1 for s in shape) or shape.count(-1) > 1 or (-1 in shape and AUTO in shape):
-        raise ValueError(f"mesh {text}: each size is positive, 0 (chosen) or -1 (the rest; "
-                         "at most one -1, and not with 0)")
+        raise ConfigError(f"mesh {text}: each size is positive, 0 (chosen) or -1 (the rest; "
+                          "at most one -1, and not with 0)")
     known = math.prod(s for s in shape if s > 0)
     if AUTO in shape:
         if n_devices % known:
-            raise ValueError(f"mesh {text}: {n_devices} devices do not divide into {known}")
+            raise ConfigError(f"mesh {text}: {n_devices} devices do not divide into {known}")
         return _chosen(shape, n_devices // known, global_batch, text)
     if -1 in shape:
         if n_devices % known:
-            raise ValueError(f"mesh {text}: {n_devices} devices do not divide into {known}")
+            raise ConfigError(f"mesh {text}: {n_devices} devices do not divide into {known}")
         shape[shape.index(-1)] = n_devices // known
     elif known != n_devices:
-        raise ValueError(f"mesh {text} needs {known} devices, but {n_devices} are available")
+        raise ConfigError(f"mesh {text} needs {known} devices, but {n_devices} are available")
     return tuple(shape)
 
 
@@ -97,9 +98,9 @@ def _chosen(shape: list[int], free: int, global_batch: int | None,
         split = max(d for d in range(1, free + 1) if free % d == 0 and rows % d == 0)
     rest = free // split
     if tensor != AUTO and rest != 1:
-        raise ValueError(f"mesh {text}: batch_size={global_batch} splits over only {split} of "
-                         f"the {free} devices left; set --config.mesh.tensor=0 to give the rest "
-                         "to tensor parallelism, or a batch_size that they divide")
+        raise ConfigError(f"mesh {text}: batch_size={global_batch} splits over only {split} of "
+                          f"the {free} devices left; set --config.mesh.tensor=0 to give the rest "
+                          "to tensor parallelism, or a batch_size that they divide")
     for i in batch_axes:
         shape[i] = 1
     if batch_axes:
@@ -138,11 +139,11 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     """Reject a global batch the data-parallel devices or the processes cannot split evenly."""
     dp = data_parallel_size(mesh)
     if global_batch % dp:
-        raise ValueError(f"batch_size={global_batch} is not divisible by the data-parallel size "
-                         f"{dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+        raise ConfigError(f"batch_size={global_batch} is not divisible by the data-parallel size "
+                          f"{dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
     if global_batch % jax.process_count():
-        raise ValueError(f"batch_size={global_batch} is not divisible by the number of "
-                         f"processes {jax.process_count()}")
+        raise ConfigError(f"batch_size={global_batch} is not divisible by the number of "
+                          f"processes {jax.process_count()}")
 
 
 # ----------------------------------------------------------------------------- parameters

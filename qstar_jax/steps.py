@@ -3,7 +3,7 @@
 `train_step` and `eval_step` are plain functions of explicit state, as in Flax's lm1b: a
 `Trainer` only binds them to a run's settings and shardings and jits them.
 
-Shapes: A micro-batches per update, B batch rows, L positions.
+Shapes: U micro-batches per update, B batch rows, L positions.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ State = dict
 # On CPU a step's temporaries share RAM with everything else. XLA's default CPU schedule runs
 # independent work early for concurrency, which keeps the gradient buffers of every backward
 # layer scan allocated from the start; the memory-optimised schedule cuts the demo step's
-# temporaries from 4.4 to 3.4 GiB (1.30 to 1.05 as the demo runs, its layers rematerialised and
-# their gradients summed in one buffer) at the same speed.
+# temporaries at the same speed, also as the demo runs, its layers rematerialised and their
+# gradients summed in one buffer (benchmarks/RESULTS.md, "Where the demo's memory goes, and
+# what is cut", "The demo under 4 GiB").
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
@@ -42,9 +43,9 @@ def compiler_options(mesh: Mesh) -> dict | None:
     return CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None
 
 
-def train_step(state: State, batch_ABL: dict, *, cfg: QuietStarConfig,
+def train_step(state: State, batch_UBL: dict, *, cfg: QuietStarConfig,
                optimizer: optax.GradientTransformation) -> tuple[State, dict]:
-    """One optimizer update from the A micro-batches {"tokens", "mask"} [A, B, L].
+    """One optimizer update from the U micro-batches {"tokens", "mask"} [U, B, L].
 
     Gradient accumulation happens here: the micro-batches' gradients are summed in a scan (each
     with its own key) and their mean is the one update applied. `grad_norm` is the norm of that
@@ -52,7 +53,7 @@ def train_step(state: State, batch_ABL: dict, *, cfg: QuietStarConfig,
     """
     params = state["params"]
     rng, step_rng = jax.random.split(state["rng"])
-    n_micro = batch_ABL["tokens"].shape[0]
+    n_micro = batch_UBL["tokens"].shape[0]
     keys = jax.random.split(step_rng, n_micro)
     loss_fn = (functools.partial(rlp.rlp_loss, ema_params=state["ema_params"])
                if cfg.objective == "rlp" else quiet_star_loss)
@@ -64,7 +65,7 @@ def train_step(state: State, batch_ABL: dict, *, cfg: QuietStarConfig,
         return jax.tree.map(jnp.add, grad_sum, grads), metrics
 
     grad_sum, metrics = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params),
-                                     (batch_ABL, keys))
+                                     (batch_UBL, keys))
     grads = grad_sum if n_micro == 1 else jax.tree.map(lambda g: g / n_micro, grad_sum)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     metrics = jax.tree.map(jnp.mean, metrics)
@@ -156,16 +157,22 @@ def build(config: ml_collections.ConfigDict, model: loading.Model, mesh: Mesh) -
                        compiler_options=options)
 
     def on_mesh(fn):
-        compiled = {}  # one executable per argument signature, as jit's own cache keeps them
+        """`fn` called under the mesh; jit compiles it at its first call of each argument
+        shape and caches it. After the first call the heap that compiling freed is handed back
+        (`host_memory.release`): without that a 2-step train run of configs/demo.py peaks at
+        4.0-4.2 GiB resident instead of 3.4, which is also the peak when the release comes
+        between compiling and the first execution (benchmarks/RESULTS.md, "The steps through
+        jit's own cache")."""
+        first = True
 
         def call(*args):
-            signature = jax.tree.map(lambda x: (x.shape, x.dtype), args)
-            key = (jax.tree.structure(args), tuple(jax.tree.leaves(signature)))
+            nonlocal first
             with sharding.activate(mesh):
-                if key not in compiled:  # traced and compiled at the first call of a shape
-                    compiled[key] = fn.lower(*args).compile()
-                    host_memory.release()  # what compiling freed, before the step's buffers
-                return compiled[key](*args)
+                out = fn(*args)
+            if first:
+                host_memory.release()
+                first = False
+            return out
         return call
 
     def lower_train_step(batch: dict) -> jax.stages.Lowered:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import flax.struct
@@ -17,14 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qstar_jax.errors import ConfigError
 from qstar_jax.model import (
+    NEG_INF,
     Context,
     KeyValues,
     Masks,
     ModelConfig,
     Params,
     Transformer,
-    hidden_states,
     span,
 )
 
@@ -74,35 +76,35 @@ class QuietStarConfig:
 
     def __post_init__(self):
         if self.n_ahead > 1 and self.n_ahead < 3:
-            raise ValueError(
+            raise ConfigError(
                 f"n_ahead={self.n_ahead}: a thought needs n_ahead >= 3 (or 1 for no thoughts)")
         if self.n_ahead < 1 or self.n_ahead_talk < 1 or self.n_passes < 1:
-            raise ValueError("n_ahead, n_ahead_talk and n_passes must be >= 1")
+            raise ConfigError("n_ahead, n_ahead_talk and n_passes must be >= 1")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r}: expected one of {list(OBJECTIVES)}")
+            raise ConfigError(f"objective={self.objective!r}: expected one of {list(OBJECTIVES)}")
         if self.objective == "rlp":
             self._check_rlp()
         vocab = self.model.vocab_size
         for name in ("start_thought_id", "end_thought_id"):
             if not 0 <= getattr(self, name) < vocab:
-                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary "
-                                 f"({vocab}): the model has no thought tokens")
+                raise ConfigError(f"{name}={getattr(self, name)} is outside the vocabulary "
+                                  f"({vocab}): the model has no thought tokens")
 
     def _check_rlp(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+            raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1)")
         if not self.thinks:
             return  # no thoughts: plain next-token training (the experiment's control)
         if self.n_sampled < 1:
-            raise ValueError(f"objective='rlp' with n_ahead={self.n_ahead}: RLP trains the "
-                             "thought tokens, so a thought needs one (n_ahead >= 4)")
+            raise ConfigError(f"objective='rlp' with n_ahead={self.n_ahead}: RLP trains the "
+                              "thought tokens, so a thought needs one (n_ahead >= 4)")
         if self.filler_thoughts:
-            raise ValueError("objective='rlp' with filler_thoughts: filler thoughts are not "
-                             "drawn, so RLP has nothing to train")
+            raise ConfigError("objective='rlp' with filler_thoughts: filler thoughts are not "
+                              "drawn, so RLP has nothing to train")
         if self.rlp_mixing_head and self.rlp_nll_weight == 0:
-            raise ValueError("rlp_mixing_head=True with rlp_nll_weight=0: nothing trains the "
-                             "mixing head, whose weight then stays at 0 and hides every "
-                             "thought; set rlp_nll_weight > 0")
+            raise ConfigError("rlp_mixing_head=True with rlp_nll_weight=0: nothing trains the "
+                              "mixing head, whose weight then stays at 0 and hides every "
+                              "thought; set rlp_nll_weight > 0")
 
     def replace(self, **changes) -> QuietStarConfig:
         return dataclasses.replace(self, **changes)
@@ -129,19 +131,23 @@ class QuietStarConfig:
         return max(self.n_ahead - 3, 0)
 
     @property
+    def n_rationales(self) -> int:
+        """Rationales per position (the config key is the authors' name, n_passes)."""
+        return self.n_passes
+
+    @property
     def policy_rows(self) -> int:
-        """Rationales per position whose thought tokens can have a nonzero advantage.
+        """Rationales per position whose thought tokens can have a nonzero advantage
+        (`gradient_memory.policy_logprobs` computes the policy gradient on these only).
 
         With the TRICE baseline and negative advantages dropped, a position's P advantages sum
-        to zero before clamping, so at most P - 1 stay positive and the policy gradient skips
-        the rest. In float32 this holds for P = 2; for larger P, rounding of the mean can leave
-        all P a few ulps above zero, and the policy gradient then takes all P (as it does for
-        any cotangent on more rationales).
+        to zero before clamping, so at most P - 1 stay positive. In float32 this holds for
+        P = 2; for larger P, rounding of the mean can leave all P a few ulps above zero.
         """
         if (self.objective == "quiet_star" and self.use_trice_baseline
-                and self.remove_negative_rewards and self.n_passes > 1):
-            return self.n_passes - 1
-        return self.n_passes
+                and self.remove_negative_rewards and self.n_rationales > 1):
+            return self.n_rationales - 1
+        return self.n_rationales
 
     @property
     def n_chain_passes(self) -> int:
@@ -197,8 +203,8 @@ def remove_thought_params(params: Params, cfg: QuietStarConfig) -> tuple[ModelCo
     decoder without their rows (the inverse of `add_thought_params`)."""
     v = cfg.model.vocab_size
     if {cfg.start_thought_id, cfg.end_thought_id} != {v - 2, v - 1}:
-        raise ValueError(f"thought ids {cfg.start_thought_id, cfg.end_thought_id} are not the "
-                         f"last two of the vocabulary ({v}): their rows cannot be cut off")
+        raise ConfigError(f"thought ids {cfg.start_thought_id, cfg.end_thought_id} are not the "
+                          f"last two of the vocabulary ({v}): their rows cannot be cut off")
     cut = lambda m: m[:v - N_THOUGHT_TOKENS]  # noqa: E731
     decoder = dict(params["decoder"])
     decoder["embed"] = {"embedding": cut(decoder["embed"]["embedding"])}
@@ -236,13 +242,16 @@ def hidden(params: Params, cfg: QuietStarConfig, x_BLD: jax.Array, positions_BL:
                               method="hidden")
 
 
-def hidden_passing(params: Params, cfg: QuietStarConfig, x_BLD: jax.Array,
-                   positions_BL: jax.Array, ctx: Context) -> tuple[jax.Array, KeyValues, Params]:
-    """`hidden`, and `params` passed through: a later pass that uses the returned params has its
-    layer gradients summed with this one's in one buffer (`model.hidden_states`)."""
-    h_BLD, kv, decoder_params = hidden_states(cfg.model, params["decoder"], x_BLD, positions_BL,
-                                              ctx)
-    return h_BLD, kv, {**params, "decoder": decoder_params}
+# hidden's signature, with the params it was given returned too (`chain_pass`'s `forward`).
+Forward = Callable[[Params, QuietStarConfig, jax.Array, jax.Array, Context],
+                   tuple[jax.Array, KeyValues, Params]]
+
+
+def hidden_keeping_params(params: Params, cfg: QuietStarConfig, x_BLD: jax.Array,
+                          positions_BL: jax.Array, ctx: Context
+                          ) -> tuple[jax.Array, KeyValues, Params]:
+    """`hidden`, and `params` returned as they are: a plain `Forward`."""
+    return *hidden(params, cfg, x_BLD, positions_BL, ctx), params
 
 
 def head_rows(params: Params, cfg: QuietStarConfig) -> jax.Array:
@@ -267,7 +276,7 @@ def mask_thought_logits(logits_V: jax.Array, cfg: QuietStarConfig) -> jax.Array:
     """Logits with the two thought tokens made impossible (they are never sampled or spoken)."""
     ids_V = jax.lax.broadcasted_iota(jnp.int32, logits_V.shape, logits_V.ndim - 1)
     thought_V = (ids_V == cfg.start_thought_id) | (ids_V == cfg.end_thought_id)
-    return jnp.where(thought_V, jnp.asarray(-1e10, logits_V.dtype), logits_V)
+    return jnp.where(thought_V, jnp.asarray(NEG_INF, logits_V.dtype), logits_V)
 
 
 def mix(params: Params, cfg: QuietStarConfig, h_base_D: jax.Array,
@@ -368,19 +377,19 @@ def sample(rng: jax.Array, logits_BV: jax.Array, temperature: float = 1.0,
     n_blocks = -(-v // block)
     if n_blocks * block != v:
         pad = [(0, 0)] * (logits.ndim - 1) + [(0, n_blocks * block - v)]
-        logits = jnp.pad(logits, pad, constant_values=-jnp.inf)
-    logits_NK = logits.reshape(logits.shape[:-1] + (n_blocks, block))  # N blocks of K tokens
-    mass_N = jnp.sum(jnp.exp((logits_NK - m[..., None]) / temperature), -1)
-    cdf_N = jnp.cumsum(mass_N, -1)
+        logits = jnp.pad(logits, pad, constant_values=NEG_INF)
+    logits_ZX = logits.reshape(logits.shape[:-1] + (n_blocks, block))  # Z blocks of X tokens
+    mass_Z = jnp.sum(jnp.exp((logits_ZX - m[..., None]) / temperature), -1)
+    cdf_Z = jnp.cumsum(mass_Z, -1)
     tiny = jnp.finfo(jnp.float32).tiny  # u > 0: a zero-probability first token is never drawn
-    u = jax.random.uniform(rng, cdf_N.shape[:-1] + (1,), minval=tiny) * cdf_N[..., -1:]
-    blk = jnp.minimum(jnp.sum(cdf_N < u, -1, keepdims=True), n_blocks - 1)
-    u_in = u - (jnp.take_along_axis(cdf_N, blk, -1) - jnp.take_along_axis(mass_N, blk, -1))
-    p_K = jnp.exp((jnp.take_along_axis(logits_NK, blk[..., None], -2)[..., 0, :] - m)
+    u = jax.random.uniform(rng, cdf_Z.shape[:-1] + (1,), minval=tiny) * cdf_Z[..., -1:]
+    blk = jnp.minimum(jnp.sum(cdf_Z < u, -1, keepdims=True), n_blocks - 1)
+    u_in = u - (jnp.take_along_axis(cdf_Z, blk, -1) - jnp.take_along_axis(mass_Z, blk, -1))
+    p_X = jnp.exp((jnp.take_along_axis(logits_ZX, blk[..., None], -2)[..., 0, :] - m)
                   / temperature)
-    idx = jnp.sum(jnp.cumsum(p_K, -1) < u_in, -1, keepdims=True)
+    idx = jnp.sum(jnp.cumsum(p_X, -1) < u_in, -1, keepdims=True)
     # Rounding can put u_in just outside the block's mass: stay on its positive entries.
-    positive = p_K > 0
+    positive = p_X > 0
     first = jnp.argmax(positive, -1, keepdims=True)
     last = block - 1 - jnp.argmax(positive[..., ::-1], -1, keepdims=True)
     return (blk * block + jnp.clip(idx, first, last))[..., 0].astype(jnp.int32)
@@ -451,33 +460,34 @@ class ChainPrefix:
 
 
 def chain_reads(n_slots: int) -> np.ndarray:
-    """Which chain-buffer slots pass k reads: [n_slots + 1, n_slots] bool by k, static.
+    """Which chain-buffer slots pass i reads: [n_slots + 1, n_slots] bool by i, static.
 
-    Pass k >= 1 writes its keys to slot k - 1 and reads the slots of the passes before it,
-    c < k - 1.
+    Pass i >= 1 writes its keys to slot i - 1 and reads the slots of the passes before it,
+    c < i - 1 (`gradient_memory.check_reads_before_writes` relies on it).
     """
-    k_K1 = np.arange(n_slots + 1)[:, None]
-    return np.arange(n_slots)[None, :] < k_K1 - 1
+    i_I1 = np.arange(n_slots + 1)[:, None]
+    return np.arange(n_slots)[None, :] < i_I1 - 1
 
 
 def chain_pass(params: Params, cfg: QuietStarConfig, base_kv: KeyValues, prefix: ChainPrefix,
-               buffer: KeyValues, x_BLD: jax.Array, k: int | jax.Array
+               buffer: KeyValues, x_BLD: jax.Array, pass_index: int | jax.Array,
+               forward: Forward = hidden_keeping_params
                ) -> tuple[jax.Array, KeyValues, Params]:
-    """Pass k >= 1 of every chain: hidden states [B, L, D], the chain buffer with the new
-    keys/values in slot k - 1, and `params` passed through for the next pass
-    (`hidden_passing`).
+    """Pass i = `pass_index` >= 1 of every chain: hidden states [B, L, D], the chain buffer
+    with the new keys/values in slot i - 1, and the params `forward` returned.
 
     Each chain's token attends to the base keys/values `base_kv` [N, B, S, K, E] it sees
     (`prefix`) and to its own chain's keys in `buffer` [N, B, L, C, K, E] that `chain_reads`
-    lets pass k see, merged in one softmax.
+    lets pass i see, merged in one softmax.
     """
-    q_pos_BL = prefix.start_BL + k
+    q_pos_BL = prefix.start_BL + pass_index
     seen = span(prefix.start_BL, prefix.key_positions_BS, prefix.key_valid_BS,
                 cfg.model.sliding_window, window_from_BL=q_pos_BL)
     n_slots = buffer.k.shape[3]
-    chain_BLC = jnp.broadcast_to(jnp.asarray(chain_reads(n_slots))[k], q_pos_BL.shape + (n_slots,))
+    chain_BLC = jnp.broadcast_to(jnp.asarray(chain_reads(n_slots))[pass_index],
+                                 q_pos_BL.shape + (n_slots,))
     ctx = Context(Masks(prefix_BLS=seen, chain_BLC=chain_BLC), prefix=base_kv, chain=buffer)
-    h_BLD, new, params = hidden_passing(params, cfg, x_BLD, q_pos_BL, ctx)
+    h_BLD, new, params = forward(params, cfg, x_BLD, q_pos_BL, ctx)
     slot = lambda buf, x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
-        buf, x.astype(buf.dtype), k - 1, 3)
+        buf, x.astype(buf.dtype), pass_index - 1, 3)
     return h_BLD, KeyValues(slot(buffer.k, new.k), slot(buffer.v, new.v)), params

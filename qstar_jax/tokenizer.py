@@ -23,6 +23,9 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from qstar_jax.errors import DataError, PathNotFoundError, UnsupportedError
+from qstar_jax.json_files import read_json
+
 START_THOUGHT = "<|startthought|>"
 END_THOUGHT = "<|endthought|>"
 THOUGHT_TOKENS = (START_THOUGHT, END_THOUGHT)
@@ -42,7 +45,7 @@ class Tokenizer:
         if pad_id is None:
             pad_id = eos_id  # the Quiet-STaR reference pads with EOS
         if pad_id is None:
-            raise ValueError(f"{source}: the tokenizer names neither a pad nor an eos token")
+            raise DataError(f"{source}: the tokenizer names neither a pad nor an eos token")
         # The base model's ids: the tokenizer's own, and padded embedding rows before the thoughts.
         self.base_vocab_size = max(own_tokens, min(thought_ids))
         self.start_thought_id, self.end_thought_id = thought_ids
@@ -130,7 +133,7 @@ class SentencePieceTokenizer(Tokenizer):
             proto.ParseFromString(model_proto)
             self._sp = sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except Exception as e:  # protobuf and sentencepiece raise assorted types
-            raise ValueError(f"{source}: not a valid sentencepiece model ({e})") from e
+            raise DataError(f"{source}: not a valid sentencepiece model ({e})") from e
         proto.normalizer_spec.add_dummy_prefix = False
         self._sp_inner = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self._proto = model_proto
@@ -198,7 +201,7 @@ class HFTokenizer(Tokenizer):
             if tokenizer.token_to_id(token) is None:
                 tokenizer = _add_special_token(tokenizer, token, i, source)
             if tokenizer.token_to_id(token) != i:
-                raise ValueError(f"{source}: could not place {token} at id {i}")
+                raise DataError(f"{source}: could not place {token} at id {i}")
         super().__init__(own_tokens=own, thought_ids=ids, source=source, **special_ids)
         self._tok = tokenizer
         self._hidden = {i for i, t in extra.items() if t.special}  # control tokens: not decoded
@@ -233,9 +236,9 @@ def _add_special_token(tokenizer: tokenizers.Tokenizer, token: str, token_id: in
         spec = json.loads(tokenizer.to_str())
         vocab = spec.get("model", {}).get("vocab")
         if not isinstance(vocab, dict):
-            raise ValueError(f"{source}: cannot place {token} at id {token_id}: the tokenizer "
-                             f"model {spec.get('model', {}).get('type')!r} has no vocabulary "
-                             "map to put it in (BPE and WordLevel do)")
+            raise DataError(f"{source}: cannot place {token} at id {token_id}: the tokenizer "
+                            f"model {spec.get('model', {}).get('type')!r} has no vocabulary "
+                            "map to put it in (BPE and WordLevel do)")
         vocab.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
         vocab[token] = token_id
         tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
@@ -254,10 +257,10 @@ def load(path: str, embedding_rows: int = 0) -> Tokenizer:
     if os.path.isdir(path):
         found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
         if not found:
-            raise FileNotFoundError(f"{path}: directory holds none of {', '.join(TOKENIZER_FILES)}")
+            raise PathNotFoundError(f"{path}: directory holds none of {', '.join(TOKENIZER_FILES)}")
         path = os.path.join(path, found[0])
     elif not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+        raise PathNotFoundError(f"{path}: no such tokenizer file or directory")
     directory = os.path.dirname(path)
     if path.endswith(".gguf"):
         return from_gguf(path)
@@ -269,15 +272,15 @@ def load(path: str, embedding_rows: int = 0) -> Tokenizer:
         try:
             tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
+            raise DataError(f"{path}: not a valid tokenizer.json ({e})") from e
         names = _read_special_names(directory)
         ids = {f"{n}_id": tok.token_to_id(names[n]) if n in names else None
                for n in ("bos", "eos", "pad", "unk")}
         if missing := [t for n, t in names.items() if ids[f"{n}_id"] is None]:
-            raise ValueError(f"{directory}: special tokens {missing} named in the tokenizer "
-                             f"config are not in {path}")
+            raise DataError(f"{directory}: special tokens {missing} named in the tokenizer "
+                            f"config are not in {path}")
         return HFTokenizer(tok, path, special_ids=ids, added=added, embedding_rows=embedding_rows)
-    raise ValueError(f"{path}: unknown tokenizer file type (expected .model, .json or .gguf)")
+    raise UnsupportedError(f"{path}: unknown tokenizer file type (expected .model, .json or .gguf)")
 
 
 def from_gguf(path_or_reader) -> Tokenizer:
@@ -287,11 +290,11 @@ def from_gguf(path_or_reader) -> Tokenizer:
     if isinstance(path_or_reader, (str, os.PathLike)):
         path = os.fspath(path_or_reader)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such GGUF file")
+            raise PathNotFoundError(f"{path}: no such GGUF file")
         try:
             reader = gguf.GGUFReader(path)
         except Exception as e:  # bad magic, truncated file, ...
-            raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+            raise DataError(f"{path}: not a readable GGUF file ({e})") from e
     else:
         reader, path = path_or_reader, str(getattr(path_or_reader, "path", "<GGUFReader>"))
 
@@ -301,7 +304,7 @@ def from_gguf(path_or_reader) -> Tokenizer:
 
     kind = field("model")
     if field("tokens") is None:
-        raise ValueError(f"{path}: GGUF file has no tokenizer.ggml.tokens metadata")
+        raise DataError(f"{path}: GGUF file has no tokenizer.ggml.tokens metadata")
     special_ids = {"bos_id": field("bos_token_id"), "eos_id": field("eos_token_id"),
                    "pad_id": field("padding_token_id"), "unk_id": field("unknown_token_id")}
     if kind == "gpt2":
@@ -309,11 +312,11 @@ def from_gguf(path_or_reader) -> Tokenizer:
     if kind == "llama":
         proto = _sentencepiece_proto(field, special_ids)
         return SentencePieceTokenizer(proto, path, special_ids=special_ids)
-    raise NotImplementedError(f"{path}: GGUF tokenizer model {kind!r} is not supported "
-                              "(supported: 'gpt2' byte-level BPE, 'llama' sentencepiece)")
+    raise UnsupportedError(f"{path}: GGUF tokenizer model {kind!r} is not supported "
+                           "(supported: 'gpt2' byte-level BPE, 'llama' sentencepiece)")
 
 
-class VocabularyTooLarge(ValueError):
+class VocabularyTooLarge(DataError):
     """The training text has too few distinct pieces for the vocabulary asked for."""
 
     def __init__(self, asked: int, most: int):
@@ -330,7 +333,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, directory: str,
     """
     texts = [_check_text(t) for t in texts]
     if not any(texts):
-        raise ValueError("train_sentencepiece: no training text")
+        raise DataError("train_sentencepiece: no training text")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -342,7 +345,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, directory: str,
         most = re.search(r"<= (\d+)", str(e))
         if most:
             raise VocabularyTooLarge(vocab_size, int(most.group(1))) from None
-        raise ValueError(f"sentencepiece training with vocab_size={vocab_size} failed: {e}") from e
+        raise DataError(f"sentencepiece training with vocab_size={vocab_size} failed: {e}") from e
     tokenizer = SentencePieceTokenizer(model.getvalue(), os.path.join(directory, "tokenizer.model"))
     tokenizer.save(directory)
     return tokenizer
@@ -369,8 +372,8 @@ def _byte_level_bpe(field, path: str) -> tokenizers.Tokenizer:
     """
     pre = field("pre")
     if pre not in _GGUF_PRE:
-        raise NotImplementedError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported "
-                                  f"(supported: {sorted(k for k in _GGUF_PRE if k)})")
+        raise UnsupportedError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported "
+                               f"(supported: {sorted(k for k in _GGUF_PRE if k)})")
     tokens = field("tokens")
     types = field("token_type") or [1] * len(tokens)
     byte_char = _bytes_to_unicode()
@@ -444,23 +447,23 @@ def _place_thought_ids(found: tuple[int | None, ...], own: int, rows: int,
     wanted = tuple(added.pop(t, None) for t in THOUGHT_TOKENS)
     for token, i in added.items():
         if token_id(token) != i:
-            raise ValueError(f"{source}: added token {token!r} (id {i}) is not in the vocabulary; "
-                             "only the thought tokens can be added")
+            raise DataError(f"{source}: added token {token!r} (id {i}) is not in the vocabulary; "
+                            "only the thought tokens can be added")
     if None in wanted and wanted != (None, None):
-        raise ValueError(f"{source}: added_tokens.json gives only one of the thought tokens")
+        raise DataError(f"{source}: added_tokens.json gives only one of the thought tokens")
     if None not in found:
         if None not in wanted and wanted != found:
-            raise ValueError(f"{source}: added_tokens.json gives thought ids {wanted}, "
-                             f"the vocabulary has them at {found}")
+            raise DataError(f"{source}: added_tokens.json gives thought ids {wanted}, "
+                            f"the vocabulary has them at {found}")
         return found
     if found != (None, None):
-        raise ValueError(f"{source}: the vocabulary has only one of the thought tokens")
+        raise DataError(f"{source}: the vocabulary has only one of the thought tokens")
     base = max(own, rows)
     ids = wanted if None not in wanted else (base, base + 1)
     if sorted(ids) not in ([own, own + 1], [base, base + 1]):
         rows_too = f" or after the {rows} embedding rows" if rows > own else ""
-        raise ValueError(f"{source}: thought-token ids {ids} must be the two ids after the "
-                         f"vocabulary ({own} and {own + 1}, either order){rows_too}")
+        raise DataError(f"{source}: thought-token ids {ids} must be the two ids after the "
+                        f"vocabulary ({own} and {own + 1}, either order){rows_too}")
     return ids
 
 
@@ -468,10 +471,10 @@ def _read_added_tokens(path: str) -> dict[str, int] | None:
     """added_tokens.json ({token: id}) if the file exists."""
     if not os.path.isfile(path):
         return None
-    content = _read_json(path)
+    content = read_json(path)
     if not isinstance(content, dict) or not all(
             isinstance(k, str) and type(v) is int for k, v in content.items()):
-        raise ValueError(f"{path}: expected a JSON object mapping token strings to integer ids")
+        raise DataError(f"{path}: expected a JSON object mapping token strings to integer ids")
     return content
 
 
@@ -480,7 +483,7 @@ def _read_special_names(directory: str) -> dict[str, str]:
     names = dict.fromkeys(("bos", "eos", "pad", "unk"))
     for file in ("tokenizer_config.json", "special_tokens_map.json"):
         path = os.path.join(directory, file)
-        content = _read_json(path) if os.path.isfile(path) else {}
+        content = read_json(path) if os.path.isfile(path) else {}
         for name in ("bos", "eos", "pad", "unk"):
             value = content.get(f"{name}_token")
             if isinstance(value, dict):  # older files: {"content": "<s>", ...}
@@ -490,14 +493,6 @@ def _read_special_names(directory: str) -> dict[str, str]:
     return {n: t for n, t in names.items() if t is not None}
 
 
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from e
-
-
 def _check_text(text: str) -> str:
     """The text itself, after checking that it is a str that can be written as UTF-8."""
     if not isinstance(text, str):
@@ -505,7 +500,7 @@ def _check_text(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"text is not valid Unicode at position {e.start}: {e.reason}") from e
+        raise DataError(f"text is not valid Unicode at position {e.start}: {e.reason}") from e
     return text
 
 

@@ -42,17 +42,18 @@ from qstar_jax import (
     steps,
 )
 from qstar_jax import config as config_lib
+from qstar_jax.errors import ConfigError, DataError, RunStopped
 from qstar_jax.rollout import check_batch
 from qstar_jax.tokenizer import END_THOUGHT, START_THOUGHT
 
 SAMPLE_THOUGHTS = 3  # decoded thoughts logged at each evaluation
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RunStopped):
     """The loss or gradient became NaN/inf; the run stops without saving that state."""
 
 
-class Interrupted(RuntimeError):
+class Interrupted(RunStopped):
     """A run stopped before its last step (SIGTERM); its checkpoint is kept."""
 
 
@@ -61,7 +62,7 @@ class Evaluation:
     """One held-out evaluation: logged metrics, decoded thoughts, and the per-token arrays of the
     valid tokens in a fixed order (`heldout.LOSS_KEYS`): losses `base` [n] and `talk` [T, n]
     (NaN where an offset has no target), the most likely tokens `base_argmax`, `think_argmax`
-    [n] and the `thoughts` [n, S] before them."""
+    [n] and the `thoughts` [n, M] before them."""
 
     metrics: dict
     samples: list[str]
@@ -95,9 +96,9 @@ def evaluate_heldout(trainer: steps.Trainer, params, batches: list[dict], seed: 
     talk = np.where(valid_BTL, talk_BTL, np.nan).transpose(1, 0, 2)[:, valid_BL]  # [T, n]
     start = base if start_loss is None else start_loss
     if start.shape != base.shape:
-        raise ValueError(f"the starting model's losses cover {start.size} held-out tokens, this "
-                         f"evaluation {base.size}: the held-out rows changed; delete the "
-                         f"workdir's {heldout.DIRECTORY}/ to choose them again")
+        raise DataError(f"the starting model's losses cover {start.size} held-out tokens, this "
+                        f"evaluation {base.size}: the held-out rows changed; delete the "
+                        f"workdir's {heldout.DIRECTORY}/ to choose them again")
     hard = heldout.deciles(start) == heldout.N_DECILES - 1
     metrics = {"eval/loss_base": float(base.mean()), "eval/loss_think": float(talk[0].mean()),
                "eval/loss_base_hard": float(base[hard].mean()),
@@ -113,7 +114,7 @@ def evaluate_heldout(trainer: steps.Trainer, params, batches: list[dict], seed: 
 
 
 def _thought_samples(trainer: steps.Trainer, tokens_L: np.ndarray, valid_L: np.ndarray,
-                     thoughts_LS: np.ndarray) -> list[str]:
+                     thoughts_LM: np.ndarray) -> list[str]:
     """'<context> <|startthought|>thought<|endthought|> -> next' at a few positions of a row
     (`valid_L`: where the next token is real)."""
     tok = trainer.model.tokenizer
@@ -122,7 +123,7 @@ def _thought_samples(trainer: steps.Trainer, tokens_L: np.ndarray, valid_L: np.n
         return []
     picks = positions[np.linspace(0, positions.size - 1, SAMPLE_THOUGHTS).astype(int)]
     return [f"{tok.decode(tokens_L[max(0, j - 12):j + 1])!r} {START_THOUGHT}"
-            f"{tok.decode(thoughts_LS[j])!r}{END_THOUGHT} -> {tok.decode(tokens_L[j + 1:j + 2])!r}"
+            f"{tok.decode(thoughts_LM[j])!r}{END_THOUGHT} -> {tok.decode(tokens_L[j + 1:j + 2])!r}"
             for j in np.unique(picks)]
 
 
@@ -137,7 +138,7 @@ def _batches(data_iter: Iterator[dict], trainer: steps.Trainer, accum: int) -> d
 
 
 def _global_rows(local: list[dict]) -> dict[str, np.ndarray]:
-    """Every host's rows of the batches, stacked [N, B, L] in global row order."""
+    """Every host's rows of the batches, stacked [W, B, L] in global row order."""
     rows = {}
     for k in ("tokens", "mask"):
         by_row = np.stack([b[k] for b in local]).swapaxes(0, 1)  # [B_local, N, L]
@@ -156,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         try:
             jax.distributed.initialize()
         except (ValueError, RuntimeError) as e:
-            raise ValueError(
+            raise ConfigError(
                 f"distributed=True, but this machine is not a host of a TPU pod ({e}): such runs "
                 "are started on every host by launch/train.sh; to run this config on one "
                 "machine, add --config.distributed=False") from None
@@ -300,21 +301,18 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and jax log every detail at INFO
     if accelerator:
-        try:
-            report = compile_check.compile_only(config, accelerator)
-        except compile_check.DoesNotFit as e:
-            print(json.dumps(e.report), flush=True)
-            cli.fail(str(e))
-        except (ValueError, FileNotFoundError) as e:
-            cli.fail(str(e))
+        with cli.one_line_errors():
+            try:
+                report = compile_check.compile_only(config, accelerator)
+            except compile_check.DoesNotFit as e:
+                print(json.dumps(e.report), flush=True)
+                raise
         print(json.dumps(report), flush=True)
         return
     if not workdir:
         raise app.UsageError("--workdir is required (except with --compile_only)")
-    try:
+    with cli.one_line_errors():
         run(config, workdir)
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-        cli.fail(str(e))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax import generate, loading, outputs, scoring
+from qstar_jax import cli, generate, loading, outputs, scoring
+from qstar_jax.errors import ConfigError, DataError, PathNotFoundError
 from qstar_jax.model import Params
 from qstar_jax.thoughts import QuietStarConfig
 from qstar_jax.tokenizer import token_pieces
@@ -36,10 +37,10 @@ class TokenScore:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _window(params: Params, tokens_1W: jax.Array, mask_1W: jax.Array, rng: jax.Array,
+def _window(params: Params, tokens_1L: jax.Array, mask_1L: jax.Array, rng: jax.Array,
             cfg: QuietStarConfig):
-    """Per position j: log p_mixed(x[j+1]), log p_base(x[j+1]), the thought at j [W, S]."""
-    losses = scoring.token_losses(params, tokens_1W, mask_1W, rng, cfg, talk_offsets=False)
+    """Per position j: log p_mixed(x[j+1]), log p_base(x[j+1]), the thought at j [L, M]."""
+    losses = scoring.token_losses(params, tokens_1L, mask_1L, rng, cfg, talk_offsets=False)
     return -losses.think[0], -losses.base[0], losses.thoughts[0]
 
 
@@ -51,13 +52,13 @@ def score_text(params: Params, cfg: QuietStarConfig, tokenizer, text: str, windo
     the very first is predicted (within its window's context).
     """
     if not cfg.thinks:
-        raise ValueError(f"the model does not think (n_ahead={cfg.n_ahead})")
+        raise ConfigError(f"the model does not think (n_ahead={cfg.n_ahead})")
     if window < 3:
-        raise ValueError(f"window must be >= 3 tokens, got {window}")
+        raise ConfigError(f"window must be >= 3 tokens, got {window}")
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     ids = bos + tokenizer.encode(text)
     if len(ids) == len(bos):
-        raise ValueError("the text has no tokens")
+        raise DataError("the text has no tokens")
     scores: dict[int, tuple[float, float, list[int]]] = {}
     for n, start in enumerate(range(0, max(len(ids) - 1, 1), window - 1)):
         chunk = ids[start:start + window]
@@ -128,15 +129,15 @@ def render_html(scores: Sequence[TokenScore], tokenizer, cfg: QuietStarConfig,
 def read_text(path: str) -> str:
     """The text of a UTF-8 file; a missing, undecodable or empty file is an error."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such text file")
+        raise PathNotFoundError(f"{path}: no such text file")
     with open(path, "rb") as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
     if not text.strip():
-        raise ValueError(f"{path}: the text file is empty")
+        raise DataError(f"{path}: the text file is empty")
     return text
 
 
@@ -150,13 +151,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=256, help="tokens per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled thoughts")
     args = parser.parse_args(argv)
-    try:
+    with cli.one_line_errors(2):
         outputs.check_output_file(args.out)  # before the scoring, not after
         text = read_text(args.text)
         cfg, params, tok = loading.load_checkpoint(args.checkpoint)
         scores = score_text(params, cfg, tok, text, window=args.window, seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
     page = render_html(scores, tok, cfg, f"Where thinking helps: {os.path.basename(args.text)}")
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(page)

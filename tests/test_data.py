@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qstar_jax import data
+from qstar_jax import data, errors
 
 BOS, EOS = 1, 2
 
@@ -146,16 +146,33 @@ def test_missing_unmatched_and_unusable_paths_name_the_path(tmp_path):
 
 def test_jsonl_source(tmp_path):
     path = tmp_path / "d.jsonl"
-    lines = [json.dumps({"body": "one", "text": "x"}).encode(), b"", b"{not json",
-             b'{"body": "caf\xe9"}', json.dumps({"body": "\ud800"}).encode(),
+    lines = [json.dumps({"body": "one", "text": "x"}).encode(), b"",
              json.dumps({"body": ""}).encode(), json.dumps({"body": None}).encode(),
-             json.dumps({"body": 3}).encode(), json.dumps({"body": "two\nlines"}).encode()]
+             json.dumps({"body": "two\nlines"}).encode()]
     path.write_bytes(b"\n".join(lines) + b"\n")
     docs = data.read_documents("jsonl", str(path), text_field="body")
     assert docs.texts == ["one", "two\nlines"]
-    assert (docs.undecodable, docs.empty) == (4, 2)
+    assert (docs.undecodable, docs.empty) == (0, 2)
     with pytest.raises(ValueError, match=r"d\.jsonl:1: no 'content' field"):
         data.read_documents("jsonl", str(path), text_field="content")
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"{not json", "not valid JSON (Expecting property name enclosed in double quotes at "
+                   "column 2)"),
+    (b'{"body": "caf\xe9"}', "not UTF-8 text (invalid byte at column 14); the file must be JSONL"),
+    (b'["body"]', "expected a JSON object, got list"),
+    (json.dumps({"body": 3}).encode(), "'body' is not a string (got int)"),
+    (json.dumps({"body": "\ud800"}).encode(), "'body' is not valid Unicode (surrogates not allowed "
+                                               "at character 1)"),
+])
+def test_a_bad_jsonl_line_is_an_error_naming_it(tmp_path, line, message):
+    """As evaluate's task files: a corpus is not read with lines silently dropped."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps({"body": "one"}).encode() + b"\n\n" + line + b"\n")
+    with pytest.raises(errors.DataError) as e:
+        data.read_documents("jsonl", str(path), text_field="body")
+    assert str(e.value) == f"{path}:3: {message}"
 
 
 def test_parquet_source(tmp_path):

@@ -98,7 +98,7 @@ def test_thinking_logits_equal_parallel_eval_logits(model):
         for r in range(b):
             if prompt_lengths[r] - 1 + i < length:
                 np.testing.assert_allclose(out.logits_BV[r], want[r, j[r]], atol=1e-4, rtol=0)
-                np.testing.assert_array_equal(out.thought_BS[r], thoughts[r, 0, j[r]])
+                np.testing.assert_array_equal(out.thought_BM[r], thoughts[r, 0, j[r]])
                 checked += 1
     assert checked == 2 * length - 3
 
@@ -117,7 +117,7 @@ def test_plain_logits_equal_full_forward(window):
         j = [n - 1 + i for n in prompt_lengths]
         forced = jnp.asarray([tokens[r, min(j[r] + 1, length - 1)] for r in range(b)])
         state, out = dec.step(params, state, forced)
-        assert out.thought_BS.shape == (b, 0)
+        assert out.thought_BM.shape == (b, 0)
         for r in range(b):
             if j[r] < length:
                 np.testing.assert_allclose(out.logits_BV[r], want[r, j[r]], atol=1e-4, rtol=0)

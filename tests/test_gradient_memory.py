@@ -1,7 +1,7 @@
 """The rollout's backward pass sums the layer gradients of all its passes in one buffer.
 
-Each pass takes the parameters the pass before it passed through (`model.hidden_states`,
-`rollout`), and its backward pass adds its layer gradients into their cotangent. A pass that
+Each pass takes the parameters the pass before it returned (`gradient_memory.hidden_threaded`),
+and its backward pass adds its layer gradients into their cotangent. A pass that
 took the parameters from elsewhere would fill a gradient of all the layers of its own, all
 summed at the end: the same gradients (`test_thoughts.py` compares them with the authors'
 way), more memory. Here, the temporaries of a loss gradient compiled as the train step is, on a
@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qstar_jax import model as model_module
-from qstar_jax import steps
+from qstar_jax import gradient_memory, steps
 from qstar_jax.model import ModelConfig, init_params
 from qstar_jax.objective import quiet_star_loss
 from qstar_jax.thoughts import QuietStarConfig, add_thought_params
@@ -41,16 +40,17 @@ def gradient_temporaries(cfg: QuietStarConfig, params: dict, tokens: jax.Array) 
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-# Temporaries in layer gradients, measured (XLA CPU, jax 0.10.2): unrolled passes 2.2 threaded,
-# 2.9 with the talk passes on the unthreaded parameters, 6.4 with no pass threaded; passes
-# rematerialised against the final buffer 1.6, 2.4 and 3.3.
+# Temporaries in layer gradients, as measured on XLA CPU for unrolled passes and for passes
+# rematerialised against the final buffer (benchmarks/RESULTS.md, "The demo under 4 GiB"): each
+# bound lies above its threaded figure and below the one with the talk passes on the unthreaded
+# parameters; with no pass threaded they are higher still.
 BOUNDS = {False: 2.55, True: 2.0}
 
 
 @pytest.mark.parametrize("remat_passes", [False, True], ids=["unrolled", "remat"])
 def test_gradient_temporaries_hold_about_one_layer_gradient(remat_passes):
     cfg, params, tokens = layer_heavy_setup(remat_passes)
-    assert model_module.threads_layer_gradients(cfg.model)
+    assert gradient_memory.threads_layer_gradients(cfg)
     layers = sum(x.nbytes for x in jax.tree.leaves(params["decoder"]["layers"]))
     ratio = gradient_temporaries(cfg, params, tokens) / layers
     assert ratio < BOUNDS[remat_passes], f"temporaries {ratio:.2f} layer gradients"

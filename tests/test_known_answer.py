@@ -282,8 +282,9 @@ def test_a_clear_win_holds():
 # ----------------------------------------------------------------------------- a short run
 
 # configs/known_answer.py with 60 steps an arm. A weaker base model (3 digits, 2500 steps) leaves
-# REINFORCE too few right thoughts to find on some CPUs: there its right-step share started at
-# 0.41, and the answer loss with thinking ended at 1.37-1.69 nats, depending on XLA's code.
+# REINFORCE too few right thoughts to find on some CPUs, depending on XLA's code: there thinking
+# did not learn (benchmarks/RESULTS.md, "The known-answer task: RLP helps the answer, and breaks
+# every other position").
 FINAL = 60
 RUN = {"train_steps": FINAL, "eval_every": 30, "log_every": 30, "checkpoint_every": FINAL,
        "eval_batches": 4}

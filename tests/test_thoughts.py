@@ -13,18 +13,13 @@ import safetensors.numpy
 import torch
 import transformers
 
-from qstar_jax import hf_checkpoint
-from qstar_jax import rollout as rollout_module
+from qstar_jax import gradient_memory, hf_checkpoint
 from qstar_jax import thoughts as thoughts_module
+from qstar_jax.gradient_memory import check_reads_before_writes, policy_logprobs
 from qstar_jax.model import ModelConfig, Transformer, init_params
 from qstar_jax.objective import quiet_star_loss
-from qstar_jax.rollout import (
-    check_reads_before_writes,
-    from_rows,
-    policy_logprobs,
-    rollout,
-    to_rows,
-)
+from qstar_jax.rollout import rollout
+from qstar_jax.rows import from_rows, to_rows
 from qstar_jax.scoring import evaluation_config, token_losses
 from qstar_jax.thoughts import (
     QuietStarConfig,
@@ -475,14 +470,14 @@ def test_chain_mask_that_shows_a_later_slot_is_caught(setup, monkeypatch):
     only while pass k reads no slot written at or after it: a mask that leaks one is named."""
     check_reads_before_writes(chain_reads(6))
     own_slot = chain_reads(6) | np.eye(7, 6, -1, dtype=bool)  # pass k also reads slot k - 1
-    with pytest.raises(ValueError, match="chain pass 1 reads buffer slot 0, written by pass 1"):
+    with pytest.raises(AssertionError, match="chain pass 1 reads buffer slot 0, written by pass 1"):
         check_reads_before_writes(own_slot)
     cfg, params, _ = setup
     tokens = jnp.asarray(batch_tokens())
     leaky = lambda n: np.ones((n + 1, n), bool)  # noqa: E731
     monkeypatch.setattr(thoughts_module, "chain_reads", leaky)
-    monkeypatch.setattr(rollout_module, "chain_reads", leaky)
-    with pytest.raises(ValueError, match="chain pass 1 reads buffer slot 0"):
+    monkeypatch.setattr(gradient_memory, "chain_reads", leaky)
+    with pytest.raises(AssertionError, match="chain pass 1 reads buffer slot 0"):
         rollout(params, tokens, tokens != PAD, jax.random.key(0), cfg)
 
 
