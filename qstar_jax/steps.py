@@ -159,10 +159,9 @@ def build(config: ml_collections.ConfigDict, model: loading.Model, mesh: Mesh) -
     def on_mesh(fn):
         """`fn` called under the mesh; jit compiles it at its first call of each argument
         shape and caches it. After the first call the heap that compiling freed is handed back
-        (`host_memory.release`): without that a 2-step train run of configs/demo.py peaks at
-        4.0-4.2 GiB resident instead of 3.4, which is also the peak when the release comes
-        between compiling and the first execution (benchmarks/RESULTS.md, "The steps through
-        jit's own cache")."""
+        (`host_memory.release`): without that a short demo run peaks far higher, and with it
+        as low as when the release comes between compiling and the first execution
+        (benchmarks/RESULTS.md, "The steps through jit's own cache")."""
         first = True
 
         def call(*args):
