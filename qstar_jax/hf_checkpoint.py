@@ -186,13 +186,17 @@ def _config_to_hf(cfg: ModelConfig, model_type: str, dtype: str,
     return out
 
 
+def _read_json(path: Path):
+    """A checkpoint's JSON file (`json_files.read_json`, its errors CheckpointErrors)."""
+    return read_json(path, CheckpointError, CheckpointNotFoundError)
+
+
 def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     """The ModelConfig of an HF directory (config.json only), with RUNTIME_FIELDS overrides."""
     check_runtime_overrides(overrides)
     path = _existing_dir(path)
     file = path / "config.json"
-    raw = read_json(file, CheckpointError, CheckpointNotFoundError)
-    return config_from_hf(raw, file).replace(**overrides)
+    return config_from_hf(_read_json(file), file).replace(**overrides)
 
 # ----------------------------------------------------------------------------- tensor layout
 
@@ -306,8 +310,7 @@ class _TensorFiles:
         self.directory = directory
         index = directory / INDEX
         if index.is_file():
-            weight_map = read_json(index, CheckpointError, CheckpointNotFoundError).get(
-                "weight_map")
+            weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no weight_map")
             self.source = index
@@ -428,8 +431,7 @@ def read_quiet_star_settings(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = _existing_dir(path)
     added_file, config_file = path / "added_tokens.json", path / "config.json"
-    added, config = (read_json(file, CheckpointError, CheckpointNotFoundError)
-                     for file in (added_file, config_file))
+    added, config = _read_json(added_file), _read_json(config_file)
     ids = {}
     for key, token in (("start_thought_id", START_THOUGHT), ("end_thought_id", END_THOUGHT)):
         value = added.get(token) if isinstance(added, dict) else None

@@ -7,7 +7,9 @@ choose must agree with it, under the TRICE baseline with 2 rationales (one carri
 gradient) and 3 (two carry it, and rounding can reach the third).
 """
 
+import importlib.util
 import itertools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +31,20 @@ PATHS = [dict(scan_layers=s, remat_policy=r, remat_passes=p) for s, r, p in iter
     [True, False], ["nothing_saveable", "dots_saveable", "none"], [True, False])
     if not (r == "dots_saveable" and not s)]
 PATHS.remove(PLAIN)
-CONFIGS_PATHS = [  # what configs/*.py choose
-    dict(scan_layers=True, remat_policy="nothing_saveable", remat_passes=True),  # tpu_v4, gpu
-    dict(scan_layers=True, remat_policy="nothing_saveable", remat_passes=False),  # demo, experiment
-    dict(scan_layers=True, remat_policy="none", remat_passes=True),  # tiny
-    dict(scan_layers=True, remat_policy="none", remat_passes=False),  # known_answer
-]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def configs_paths() -> dict[str, dict]:
+    """The path each of configs/*.py (at its default preset) trains on."""
+    paths = {}
+    for file in sorted(CONFIGS.glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"configs_{file.stem}", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config()
+        paths[file.stem] = dict(scan_layers=c.model.scan_layers, remat_policy=c.model.remat_policy,
+                                remat_passes=c.quiet_star.remat_passes)
+    return paths
 
 
 def path_id(path: dict) -> str:
@@ -84,7 +94,10 @@ def plain(n_rationales: int):
 
 
 def test_the_configs_paths_are_tested():
-    assert all(path in PATHS for path in CONFIGS_PATHS)
+    paths = configs_paths()
+    assert len(paths) >= 6
+    untested = {name: path for name, path in paths.items() if path not in PATHS + [PLAIN]}
+    assert not untested, f"configs on a path tests/test_rollout.py does not compare: {untested}"
 
 
 @pytest.mark.parametrize("n_rationales", [2, 3])
