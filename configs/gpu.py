@@ -11,6 +11,7 @@ names a corpus.
 import ml_collections
 
 from qstar_jax import config
+from qstar_jax.errors import ConfigError
 
 
 def get_config(model: str = "random") -> ml_collections.ConfigDict:
@@ -18,12 +19,12 @@ def get_config(model: str = "random") -> ml_collections.ConfigDict:
                    scan_layers=True)
     if model == "random":
         section = dict(
-            source="random", vocab_size=1024, d_model=2048, n_layers=22, n_heads=32,
+            source="random", vocab_size=768, d_model=2048, n_layers=22, n_heads=32,
             n_kv_heads=4, ffn_dim=5632, rope_theta=10000.0, tie_embeddings=False, **runtime)
     elif model == "hf":
         section = dict(source="hf", path="", **runtime)
     else:
-        raise ValueError(f"configs/gpu.py:{model}: expected 'random' or 'hf'")
+        raise ConfigError(f"configs/gpu.py:{model}: expected 'random' or 'hf'")
     # quiet_star at its defaults: n_ahead 12, n_ahead_talk 4, n_passes 2
     return config.run_config(
         train_steps=100,

@@ -11,6 +11,7 @@ from qstar_jax import config
 
 def get_config() -> ml_collections.ConfigDict:
     c = config.run_config(
+        "stable",  # a policy weight of 1 (the authors' 1e6 swamps the loss of a small model)
         train_steps=30,
         batch_size=8,  # sequences per micro-batch, over all devices
         seq_len=32, log_every=5, checkpoint_every=10,

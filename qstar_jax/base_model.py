@@ -10,14 +10,12 @@ added to the trained embeddings (`quiet_star.init_text`'s row as it ended traini
 
 from __future__ import annotations
 
-import json
-
 import jax
 import ml_collections
 from etils import epath
 
-from qstar_jax import checkpoint, hf_checkpoint, loading, logs, train
 from qstar_jax import config as config_lib
+from qstar_jax import hf_checkpoint, loading, logs, run_settings, train
 from qstar_jax.errors import ConfigError
 from qstar_jax.model import RUNTIME_FIELDS
 from qstar_jax.thoughts import remove_thought_params
@@ -87,23 +85,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def _check_same_settings(stage: ml_collections.ConfigDict, stage_dir: epath.Path) -> None:
     """Refuse a base model that was (being) trained with other settings in `stage_dir`."""
-    if not (stage_dir / checkpoint.CONFIG_FILE).exists():
+    if not (stage_dir / run_settings.CONFIG_FILE).exists():
         return
-    saved = _flat(checkpoint.load_config(str(stage_dir)).to_dict())
-    now = _flat(json.loads(stage.to_json_best_effort()))
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    changed = run_settings.differences(run_settings.load_config(str(stage_dir)), stage)
     if changed:
         raise ConfigError(f"{stage_dir} holds a base model trained with other settings "
-                          f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''} "
-                          "differ): use a new --workdir, or delete that directory to train it "
-                          "again")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
+                          f"({run_settings.describe(changed)}): use a new --workdir, or delete "
+                          "that directory to train it again")

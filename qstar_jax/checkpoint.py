@@ -1,5 +1,6 @@
 """Training checkpoints (orbax): save (asynchronously on accelerators), keep the last few, resume
-from the newest readable one, save and stop on SIGTERM, and read a saved step's parameters back.
+from the newest readable one, save and stop on SIGTERM or a first Ctrl-C (SIGINT; a second one
+aborts at once), and read a saved step's parameters back.
 
 A step holds three items: "params", "train" (optimizer state, step, rng) and "data" (the grain
 iterator's position), and for RLP a fourth, "ema" (the no-think baseline's parameters), so a
@@ -22,19 +23,16 @@ from typing import Any
 
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
 from qstar_jax import host_memory
-from qstar_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError
-from qstar_jax.json_files import read_json
+from qstar_jax.errors import CheckpointError, ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 SET_ASIDE_DIR = "unreadable_checkpoints"  # unreadable steps are moved here, never deleted
-CONFIG_FILE = "config.json"  # the resolved run config, to rebuild the model for export
 
 
 class _ClosedLoopIgnoresLateWork(asyncio.SelectorEventLoop):
@@ -123,8 +121,21 @@ def _none_readable(directory: epath.Path, failed: list[tuple[int, str]]) -> str:
     return f"no readable checkpoint in {directory} ({listed})"
 
 
+class LayoutMismatch(CheckpointError):
+    """The saved arrays are not those the run's settings make: a settings question, not an
+    unreadable checkpoint. `differences` names the first arrays that differ."""
+
+    def __init__(self, step_dir: epath.Path, differences: str):
+        self.differences = differences
+        super().__init__(
+            f"{step_dir} holds arrays of other shapes than this run's settings make "
+            f"({differences}): the settings that shape the model or the optimizer state differ "
+            "from those the checkpoints were saved with; resume with those, or train afresh in "
+            "a new --workdir")
+
+
 class Checkpoints:
-    """The checkpoints of one workdir, and the SIGTERM watch that saves before stopping.
+    """The checkpoints of one workdir, and the SIGTERM / Ctrl-C watch that saves before stopping.
 
     `largest_array`: the bytes of the largest array a save writes (`largest_array_bytes`), or
     None. Given, a save on CPU writes the arrays of each item one at a time, up to that size:
@@ -140,10 +151,11 @@ class Checkpoints:
         self._synchronous = jax.default_backend() == "cpu"
         self._largest_array = largest_array
         self._manager = self._open()
-        self._stop_requested = False
-        self._old_handler = None
+        self.stop_signal: str | None = None  # the name of the signal that asked to stop
+        self._old_handlers: dict[int, Any] = {}
         if jax.process_count() == 1:  # several processes: jax's preemption service listens
-            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._old_handlers = {sig: signal.signal(sig, self._on_stop_signal)
+                                  for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _open(self) -> ocp.CheckpointManager:
         # On CPU the host copy being written shares RAM with the next step's buffers: there the
@@ -161,15 +173,21 @@ class Checkpoints:
         return ocp.CheckpointManager(self.workdir / CHECKPOINT_DIR, options=options,
                                      item_handlers=handlers)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
-        self._stop_requested = True
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # a second Ctrl-C raises KeyboardInterrupt, as usual
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            logging.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C "
+                            "again to stop at once, without saving)")
+        else:
+            logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
 
     def should_stop(self, step: int) -> bool:
-        """True once SIGTERM arrived (at a step all processes agree on): save, then stop."""
+        """True once SIGTERM or Ctrl-C arrived (at a step all processes agree on): save, then
+        stop."""
         if jax.process_count() > 1:
             return self._manager.reached_preemption(step)
-        return self._stop_requested
+        return self.stop_signal is not None
 
     def steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -185,8 +203,11 @@ class Checkpoints:
             host_memory.release()
 
     def restore(self, abstract_state: dict, data_iter: grain.DatasetIterator) -> dict | None:
-        """The newest readable state (data_iter moved to its position), or None if none saved."""
+        """The newest readable state (data_iter moved to its position), or None if none saved;
+        a LayoutMismatch if the newest saved arrays are not those of `abstract_state`."""
         own, train = _split(abstract_state)
+        if self.steps():
+            _check_layout(self._manager.directory / str(max(self.steps())), {**own, "train": train})
         step, restored, failed = _newest_readable(
             sorted(self.steps(), reverse=True),
             lambda step: self._manager.restore(step, args=ocp.args.Composite(
@@ -225,30 +246,43 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-        if self._old_handler is not None:
-            signal.signal(signal.SIGTERM, self._old_handler)
-            self._old_handler = None
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"a/b/0/c": shape} of a tree's arrays (or their metadata), one path spelling for dicts,
+    sequences and named tuples alike."""
+    name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))  # noqa: E731
+    return {"/".join(name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
+
+
+def _check_layout(step_dir: epath.Path, abstract_items: dict[str, Any]) -> None:
+    """A LayoutMismatch naming the first differences when the arrays saved at `step_dir` are not
+    those of `abstract_items` (by item: the state this run's settings make). Orbax would call
+    the step unreadable, and it is no reason to set steps aside. Where the metadata cannot be
+    read nothing is said: the restore then tells what is wrong with the step."""
+    differ = []
+    for item, tree in abstract_items.items():
+        try:
+            with _restore_loops():  # its reads of a truncated step end as a restore's do
+                saved = _shapes(ocp.StandardCheckpointHandler().metadata(step_dir / item))
+        except Exception:  # noqa: BLE001  (an unreadable step: the restore reports it)
+            return
+        now = _shapes(tree)
+        shown = lambda shapes, k: list(shapes[k]) if k in shapes else "none"  # noqa: E731
+        differ += [f"{item}/{k}: saved {shown(saved, k)}, now {shown(now, k)}"
+                   for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+    if differ:
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise LayoutMismatch(step_dir, f"{'; '.join(differ[:3])}{more}")
 
 
 def largest_array_bytes(abstract_state: Any) -> int:
     """The bytes of the largest array (leaf with a shape and dtype) of `abstract_state`."""
     return max(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-
-
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Write the resolved config next to the checkpoints (process 0)."""
-    if jax.process_index() == 0:
-        path = epath.Path(workdir) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run saved in its workdir."""
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: no such file (not a training workdir?)")
-    return ml_collections.ConfigDict(read_json(path, CheckpointError))
 
 
 @contextlib.contextmanager

@@ -1,87 +1,141 @@
 """The `convert` command line: GGUF -> Hugging Face, training workdir -> Hugging Face, inspect.
 
-    python -m qstar_jax.convert --help
+    python -m qstar_jax.convert VERB --flag=value ...   (VERB --help lists its flags)
+    python -m qstar_jax.convert to-hf --checkpoint runs/tiny --out runs/tiny_hf
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import os
 import sys
+import textwrap
+from collections.abc import Callable, Sequence
 
-from qstar_jax import gguf_checkpoint, hf_checkpoint, loading
-from qstar_jax.errors import InputError
+from absl import flags
+
+from qstar_jax import (
+    checkpoint,
+    cli,
+    gguf_checkpoint,
+    hf_checkpoint,
+    loading,
+    outputs,
+    run_settings,
+)
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _run_from_gguf(args: argparse.Namespace) -> None:
-    cfg, params, tok = gguf_checkpoint.from_gguf(args.gguf)
-    hf_checkpoint.to_hf(params, cfg, args.out, tokenizer=tok, dtype=args.dtype)
-    print(f"wrote {args.out} ({cfg.num_params:,} parameters)")
+@dataclasses.dataclass(frozen=True)
+class Verb:
+    """One subcommand: what it does (its line of --help), its flags and what runs it."""
+
+    summary: str
+    define: Callable[[flags.FlagValues], None]
+    run: Callable[[flags.FlagValues], None]
+    required: tuple[str, ...]
 
 
-def _run_to_hf(args: argparse.Namespace) -> None:
-    step = loading.export_checkpoint(args.checkpoint, args.step, args.out, args.dtype, args.ema)
-    what = "the EMA parameters of step" if args.ema else "step"
-    print(f"wrote {what} {step} of {args.checkpoint} to {args.out} ({args.dtype})")
+def _define_from_gguf(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("gguf", None, "llama-architecture .gguf file (required)", flag_values=fv)
+    flags.DEFINE_string("out", None, "new directory to write (required)", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", DTYPES, "dtype of the written weights", flag_values=fv)
 
 
-def _run_inspect(args: argparse.Namespace) -> None:
-    cfg, count, n_files, settings = hf_checkpoint.inspect(args.path)
+def _run_from_gguf(fv: flags.FlagValues) -> None:
+    outputs.check_output_dir(fv.out)
+    cfg, params, tok = gguf_checkpoint.from_gguf(fv.gguf)
+    hf_checkpoint.to_hf(params, cfg, fv.out, tokenizer=tok, dtype=fv.dtype)
+    print(f"wrote {fv.out} ({cfg.num_params:,} parameters)")
+
+
+def _define_to_hf(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "training workdir (local or gs://) holding "
+                        "config.json and checkpoints/ (required)", flag_values=fv)
+    flags.DEFINE_integer("step", None, "saved step to export (default: the newest readable)",
+                         flag_values=fv)
+    flags.DEFINE_string("out", None, "new directory to write (required)", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", DTYPES, "dtype of the written weights", flag_values=fv)
+    flags.DEFINE_bool("ema", False, "an RLP run: write its EMA parameters (the no-think "
+                      "baseline) instead", flag_values=fv)
+
+
+def _run_to_hf(fv: flags.FlagValues) -> None:
+    outputs.check_output_dir(fv.out)
+    step = loading.export_checkpoint(fv.checkpoint, fv.step, fv.out, fv.dtype, fv.ema)
+    what = "the EMA parameters of step" if fv.ema else "step"
+    print(f"wrote {what} {step} of {fv.checkpoint} to {fv.out} ({fv.dtype})")
+
+
+def _define_inspect(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("path", None, "Hugging Face directory or training workdir (required)",
+                        flag_values=fv)
+
+
+def _run_inspect(fv: flags.FlagValues) -> None:
+    if os.path.isdir(os.path.join(fv.path, checkpoint.CHECKPOINT_DIR)):
+        _inspect_workdir(fv.path)
+        return
+    cfg, count, stored, n_files, settings = hf_checkpoint.inspect(fv.path)
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
-    print(f"parameters: {count:,} in {n_files} file(s)")
+    kept = "" if stored == count else (
+        f"; {stored:,} stored: start_embedding and end_embedding keep the authors' unused "
+        "second row")
+    print(f"parameters: {count:,} (the model's, as train counts them) in {n_files} file(s)"
+          f"{kept}")
     if settings is not None:
         print("quiet-star:", json.dumps(settings, indent=2))
 
 
-def _add_from_gguf(verbs) -> None:
-    p = verbs.add_parser("from-gguf", help="GGUF file -> HF directory with tokenizer")
-    p.add_argument("--gguf", required=True, help="llama-architecture .gguf file")
-    p.add_argument("--out", required=True, help="new directory to write")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.set_defaults(run=_run_from_gguf)
+def _inspect_workdir(workdir: str) -> None:
+    """A training workdir's newest saved step and model settings, and how to export it."""
+    config = run_settings.load_config(workdir)
+    step = checkpoint.saved_step(workdir)
+    print(f"{workdir}: a training workdir, newest saved step {step}; python -m "
+          f"qstar_jax.convert to-hf --checkpoint {workdir} --out DIR exports it")
+    print("model:", json.dumps(config.model.to_dict(), indent=2))
+    print("quiet-star:", json.dumps(config.quiet_star.to_dict(), indent=2))
 
 
-def _add_to_hf(verbs) -> None:
-    p = verbs.add_parser("to-hf", help="training checkpoint -> HF directory with tokenizer and "
-                                       "Quiet-STaR settings")
-    p.add_argument("--checkpoint", required=True,
-                   help="training workdir (local or gs://) holding config.json and checkpoints/")
-    p.add_argument("--step", type=int, default=None, help="saved step to export (default: newest)")
-    p.add_argument("--out", required=True, help="new directory to write")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--ema", action="store_true",
-                   help="an RLP run: write its EMA parameters (the no-think baseline) instead")
-    p.set_defaults(run=_run_to_hf)
+VERBS = {
+    "from-gguf": Verb("a GGUF file (llama architecture) -> a Hugging Face directory with its "
+                      "tokenizer", _define_from_gguf, _run_from_gguf, ("gguf", "out")),
+    "to-hf": Verb("a training workdir's saved step -> a Hugging Face directory, with the "
+                  "Quiet-STaR weights and settings and the tokenizer", _define_to_hf, _run_to_hf,
+                  ("checkpoint", "out")),
+    "inspect": Verb("print a Hugging Face directory's config and parameter count, or a training "
+                    "workdir's newest step and settings", _define_inspect, _run_inspect,
+                    ("path",)),
+}
 
 
-def _add_inspect(verbs) -> None:
-    p = verbs.add_parser("inspect", help="print an HF directory's config and parameter count")
-    p.add_argument("--path", required=True, help="HF checkpoint directory")
-    p.set_defaults(run=_run_inspect)
+def _usage() -> str:
+    """The module doc and one line per subcommand."""
+    verbs = "\n".join(textwrap.fill(verb.summary, 96, initial_indent=f"  {name:<10} ",
+                                     subsequent_indent=" " * 13) for name, verb in VERBS.items())
+    return f"{__doc__.strip()}\n\nSubcommands:\n{verbs}"
 
 
-VERBS = [_add_from_gguf, _add_to_hf, _add_inspect]  # each adds one subcommand to the parser
-CLI_HELP = """Convert checkpoints. Subcommands (VERB --help for each one's flags):
-  from-gguf  a GGUF file (llama architecture) -> a Hugging Face directory with its tokenizer
-  to-hf      a training workdir's saved step -> a Hugging Face directory, with the Quiet-STaR
-             weights and settings and the tokenizer
-  inspect    print a Hugging Face directory's config and parameter count
-
-  python -m qstar_jax.convert to-hf --checkpoint runs/tiny --out runs/tiny_hf"""
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qstar_jax.convert", description=CLI_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    verbs = parser.add_subparsers(metavar="VERB", required=True)
-    for add in VERBS:
-        add(verbs)
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except InputError as e:  # a user mistake is one line; anything else keeps its traceback
-        sys.exit(f"error: {e}")
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the subcommand named first in `argv` (None: sys.argv[1:]) with its flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in cli.HELP_FLAGS:
+        print(_usage())
+        sys.exit(0)
+    if not argv or argv[0] not in VERBS:
+        named = f"unknown subcommand {argv[0]!r}" if argv and not argv[0].startswith("-") \
+            else "no subcommand"
+        cli.fail(f"{named}: name one of {', '.join(VERBS)} first (python -m qstar_jax.convert "
+                 "--help)", cli.USAGE)
+    verb = VERBS[argv[0]]
+    fv = flags.FlagValues()
+    verb.define(fv)
+    doc = textwrap.fill(f"python -m qstar_jax.convert {argv[0]}: {verb.summary}", 96)
+    cli.parse_command(fv, argv[1:], doc, verb.required)
+    with cli.one_line_errors():
+        verb.run(fv)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 
 import grain
@@ -89,6 +90,10 @@ def read_documents(source: str, path: str, text_field: str = "text",
     """All usable documents of a "text", "jsonl" or "parquet" source, in file order."""
     if source not in _SUFFIX:
         raise ConfigError(f"data.source={source!r} is not a file source (one of {list(_SUFFIX)})")
+    for other, suffix in _SUFFIX.items():
+        if other != source and path.endswith(suffix):
+            raise ConfigError(f"data.path={path!r} ends in {suffix} but data.source={source}: "
+                              f"set --config.data.source={other}")
     docs = Documents([])
     limit = max_documents or float("inf")
 
@@ -166,10 +171,14 @@ def load_documents(config: ml_collections.ConfigDict) -> list[str]:
     return docs.texts
 
 
+def _text_hash(text: str) -> int:
+    """A stable 64-bit hash of a document's text."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
 def is_heldout(text: str, fraction: float) -> bool:
-    """Whether a document belongs to the held-out split (a stable hash of its text)."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
+    """Whether a document is held out: its text's hash is in the first `fraction` of the range."""
+    return _text_hash(text) < fraction * 2**64
 
 
 def load_splits(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
@@ -184,9 +193,46 @@ def load_splits(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]
         for text in load_documents(config):
             (heldout if held(text) else train).append(text)
     if not train:
-        raise DataError(f"data: no training documents left after holding out "
-                        f"data.heldout_fraction={config.heldout_fraction}")
+        why = (_one_document(config) if len(heldout) == 1 else
+               f"all {len(heldout)} documents are held out at data.heldout_fraction="
+               f"{config.heldout_fraction}: lower it, or give more documents")
+        raise DataError(f"data: no training documents: {why}")
     return train, heldout
+
+
+def _one_document(config: ml_collections.ConfigDict) -> str:
+    """Why a split is empty when the source gives one document, and what to do."""
+    if config.source == "text":
+        return (f"data.path={config.path!r} gives one .txt file, which is one document, and a "
+                "document goes whole to training or to the held-out split: point data.path at a "
+                "directory of .txt files (one document each), or at a .jsonl file of documents "
+                "with --config.data.source=jsonl")
+    where = (f"data.path={config.path!r}" if config.source in _SUFFIX else
+             f"data.num_synthetic={config.num_synthetic}")
+    return (f"{where} gives one {config.source} document, and a document goes whole to training "
+            "or to the held-out split: give more documents")
+
+
+def _no_heldout(config: ml_collections.ConfigDict, train: list[str]) -> DataError:
+    """The error for an empty held-out split: why, and the heldout_fraction that would do."""
+    fraction = config.heldout_fraction
+    if fraction == 0:
+        why = (f"data.heldout_fraction={fraction} holds none out, and evaluation needs some: set "
+               f"it above 0 (the default is {default_config().heldout_fraction})")
+    elif len(train) == 1:
+        why = _one_document(config)
+    elif config.source == "known_answer":  # its split hashes the problems, not the rows
+        why = (f"none of the {len(train)} problems falls in data.heldout_fraction={fraction}: "
+               "raise it or data.num_synthetic")
+    else:
+        what = {"text": ".txt files (one document each)",
+                "synthetic": "word problems (data.num_synthetic)"}.get(config.source, "documents")
+        least = math.ceil(min(map(_text_hash, train)) / 2**64 * 1000) / 1000
+        why = (f"a document is held out where a hash of its text falls in the first "
+               f"data.heldout_fraction={fraction} of its range, and none of these {len(train)} "
+               f"{what} does ({len(train) * fraction:.2g} expected): set "
+               f"--config.data.heldout_fraction={least} or more, or give more documents")
+    return DataError(f"data: no held-out documents: {why}")
 
 
 # ----------------------------------------------------------------------------- synthetic problems
@@ -314,10 +360,9 @@ def heldout_batches(config: ml_collections.ConfigDict, tokenizer, *, seq_len: in
     with fully masked rows so every batch has the same shape.
     """
     rows = _host_rows(global_batch, process_index, process_count)
-    _, heldout = load_splits(config)
+    train, heldout = load_splits(config)
     if not heldout:
-        raise DataError(f"data: no held-out documents (data.heldout_fraction="
-                        f"{config.heldout_fraction}, {config.source} source)")
+        raise _no_heldout(config, train)
     if num_batches is not None and num_batches < 1:
         raise ConfigError(f"data: num_batches={num_batches} must be >= 1")
     count = -(-len(heldout) // global_batch)

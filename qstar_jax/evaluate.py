@@ -8,12 +8,11 @@ expected accuracy. Answer tokens outside the set (the comma of "1,234") are fed 
 scored, as in the authors' code. Chain-of-thought mode: "Let's think step by step.", generation,
 "Therefore, the answer ... is", the first integer / letter, majority vote over samples.
 
-    python -m qstar_jax.evaluate --checkpoint DIR --task gsm8k --data test.jsonl [--mode cot]
+    python -m qstar_jax.evaluate --checkpoint DIR --task gsm8k --data test.jsonl [--mode=cot]
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import functools
@@ -26,6 +25,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from qstar_jax import cli, generate, json_files, loading, outputs, scoring
 from qstar_jax import tokenizer as tokenizer_lib
@@ -186,7 +186,8 @@ def score_direct(params: Params, cfg: QuietStarConfig, tokenizer, examples: Sequ
                  task: str, thinking: bool = True, batch_size: int = 8, seed: int = 0,
                  progress=None) -> list[dict]:
     """Per example: "no_thinking" (and "thinking") {"prob", "argmax_correct"}, and the scored
-    answer tokens. Thoughts are sampled (or greedy) as the config says, one per position."""
+    answer tokens. Thoughts are sampled (or greedy) as the config says, one per position.
+    `progress(done, total, expected_accuracy so far)` is called after each batch."""
     allowed = allowed_ids(tokenizer, task)
     index_of = {int(t): a for a, t in enumerate(allowed)}
     encoded = []
@@ -213,8 +214,14 @@ def score_direct(params: Params, cfg: QuietStarConfig, tokenizer, examples: Sequ
                 result["thinking"] = _score(think[row], ids, positions, index_of)
             results.append(result)
         if progress:
-            progress(len(results), len(encoded))
+            progress(len(results), len(encoded), expected_accuracy(results))
     return results
+
+
+def expected_accuracy(scores: Sequence[dict]) -> dict[str, float]:
+    """The mean answer probability of direct scores, per thinking mode scored."""
+    return {name: float(np.mean([s[name]["prob"] for s in scores]))
+            for name in ("thinking", "no_thinking") if name in scores[0]}
 
 
 # ----------------------------------------------------------------------------- chain of thought
@@ -252,9 +259,12 @@ def score_cot(params: Params, cfg: QuietStarConfig, tokenizer, example: Example,
 # ----------------------------------------------------------------------------- command line
 
 
-def _progress(label: str):
-    def show(done: int, total: int) -> None:
-        sys.stderr.write(f"\r{label}: {done}/{total}")
+def _progress(label: str, measure: str = "accuracy"):
+    """A progress line on stderr, rewritten in place: the examples done and the `measure` so far
+    per thinking mode (the count alone would read like a score)."""
+    def show(done: int, total: int, accuracy: dict[str, float]) -> None:
+        so_far = ", ".join(f"{name} {value:.2f}" for name, value in accuracy.items())
+        sys.stderr.write(f"\r{label}: {done}/{total} examples, {measure} so far: {so_far}")
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -270,28 +280,29 @@ def evaluate(params: Params, cfg: QuietStarConfig, tokenizer, examples: Sequence
                for i, ex in enumerate(examples)]
     summary: dict = {"task": task, "mode": mode, "examples": len(examples)}
     if mode == "direct":
+        show = _progress(f"{task} direct", "expected accuracy")
         scores = score_direct(params, cfg, tokenizer, examples, task,
                               thinking=(True in thinking_modes), batch_size=batch_size,
-                              seed=seed, progress=_progress(f"{task} direct"))
+                              seed=seed, progress=show)
         for record, score in zip(records, scores, strict=True):
             record.update(score)
         summary["answer_tokens_scored"] = sum(s["answer_tokens"] for s in scores)
-        for name in ("thinking", "no_thinking"):
-            if name in scores[0]:
-                correct = [s[name]["argmax_correct"] for s in scores]
-                summary[name] = {
-                    "expected_accuracy": float(np.mean([s[name]["prob"] for s in scores])),
-                    "argmax_accuracy": float(np.mean(correct)), "argmax_correct": sum(correct)}
+        for name, accuracy in expected_accuracy(scores).items():
+            correct = [s[name]["argmax_correct"] for s in scores]
+            summary[name] = {"expected_accuracy": accuracy,
+                             "argmax_accuracy": float(np.mean(correct)),
+                             "argmax_correct": sum(correct)}
     elif mode == "cot":
         summary.update(cot_samples=cot_samples, temperature=temperature)
         for thinking in thinking_modes:
             name = "thinking" if thinking else "no_thinking"
-            show = _progress(f"{task} cot ({name})")
+            show = _progress(f"{task} cot")
             for i, (record, ex) in enumerate(zip(records, examples, strict=True)):
                 record[name] = score_cot(params, cfg, tokenizer, ex, task, samples=cot_samples,
                                          thinking=thinking, temperature=temperature,
                                          max_new_tokens=max_new_tokens, seed=seed + 1000 * i)
-                show(i + 1, len(examples))
+                show(i + 1, len(examples),
+                     {name: float(np.mean([r[name]["correct"] for r in records[:i + 1]]))})
             correct = [r[name]["correct"] for r in records]
             summary[name] = {"accuracy": float(np.mean(correct)), "correct": int(sum(correct))}
     else:
@@ -299,43 +310,50 @@ def evaluate(params: Params, cfg: QuietStarConfig, tokenizer, examples: Sequence
     return summary, records
 
 
+def command_flags() -> flags.FlagValues:
+    """This command's flags, on their own FlagValues (see generate.command_flags)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "HF-format Quiet-STaR directory or training workdir "
+                        "(required)", flag_values=fv)
+    flags.DEFINE_enum("task", None, TASKS, "the benchmark (required)", flag_values=fv)
+    flags.DEFINE_string("data", None, "GSM8K or CommonsenseQA JSONL file (required)",
+                        flag_values=fv)
+    flags.DEFINE_integer("limit", None, "evaluate the first N examples", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_bool("thoughts", True, "score the model with thinking too (--nothoughts: "
+                      "only without)", flag_values=fv)
+    flags.DEFINE_string("out", None, "write per-example results here (JSONL)", flag_values=fv)
+    flags.DEFINE_enum("mode", "direct", ("direct", "cot"), "answer probability, or chain of "
+                      "thought with a vote", flag_values=fv)
+    flags.DEFINE_integer("cot_samples", 8, "votes per question (cot)", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_float("temperature", 0.9, "sampling temperature of the chain of thought "
+                       "(0: greedy)", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 384, "reasoning tokens before the final-answer "
+                         "prompt (cot)", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "sequences per forward (direct)", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the sampled thoughts", flag_values=fv)
+    return fv
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qstar_jax.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="HF-format Quiet-STaR directory or training workdir")
-    parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--data", required=True, help="GSM8K or CommonsenseQA JSONL file")
-    parser.add_argument("--limit", type=int, help="evaluate the first N examples")
-    parser.add_argument("--no_thoughts", action="store_true",
-                        help="score only the model without thinking")
-    parser.add_argument("--out", help="write per-example results here (JSONL)")
-    parser.add_argument("--mode", choices=("direct", "cot"), default="direct")
-    parser.add_argument("--cot_samples", type=int, default=8, help="votes per question (cot)")
-    parser.add_argument("--temperature", type=float, default=0.9,
-                        help="sampling temperature of the chain of thought (0: greedy)")
-    parser.add_argument("--max_new_tokens", type=int, default=384,
-                        help="reasoning tokens before the final-answer prompt (cot)")
-    parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward (direct)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name in ("limit", "cot_samples", "batch_size", "max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1, got {value}")
-    with cli.one_line_errors(2):
-        if args.out:
-            outputs.check_output_file(args.out)  # before the evaluation, not after
-        examples = read_examples(args.data, args.task, args.limit)
-        cfg, params, tok = loading.load_checkpoint(args.checkpoint)
-        modes = (False,) if args.no_thoughts else (True, False)
+    """Evaluate, print the summary as JSON and write the per-example records to --out."""
+    fv = command_flags()
+    cli.parse_command(fv, argv, __doc__, required=("checkpoint", "task", "data"))
+    with cli.one_line_errors():
+        if fv.out:
+            outputs.check_output_file(fv.out)  # before the evaluation, not after
+        examples = read_examples(fv.data, fv.task, fv.limit)
+        cfg, params, tok = loading.load_checkpoint(fv.checkpoint)
+        modes = (True, False) if fv.thoughts else (False,)
         summary, records = evaluate(
-            params, cfg, tok, examples, args.task, mode=args.mode, thinking_modes=modes,
-            batch_size=args.batch_size, cot_samples=args.cot_samples,
-            temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+            params, cfg, tok, examples, fv.task, mode=fv.mode, thinking_modes=modes,
+            batch_size=fv.batch_size, cot_samples=fv.cot_samples, temperature=fv.temperature,
+            max_new_tokens=fv.max_new_tokens, seed=fv.seed)
     summary["n_ahead"] = cfg.n_ahead
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+    if fv.out:
+        with open(fv.out, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
     print(json.dumps(summary, indent=2))

@@ -210,7 +210,8 @@ def _thinking(arms: Iterable[str]) -> list[str]:
 
 
 def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int,
-             arms: tuple[str, ...] | None = None) -> dict[str, SeedResult]:
+             arms: tuple[str, ...] | None = None, allow_changes: bool = False
+             ) -> dict[str, SeedResult]:
     """Train the `arms` of `seed` (resuming what is there; None: `default_arms`) and read their
     held-out losses, one SeedResult per thinking arm."""
     arms = check_arms(config, default_arms(config) if arms is None else arms)
@@ -220,7 +221,7 @@ def run_seed(config: ml_collections.ConfigDict, workdir: str, seed: int,
         _say(f"=== seed {seed}: {arm} arm, in {dirs[arm]}")
         if arm != primary:  # the same held-out rows, deciles and (random model) tokenizer
             _share(dirs[primary], dirs[arm])
-        records = train.run(arm_config(config, arm, seed), dirs[arm])
+        records = train.run(arm_config(config, arm, seed), dirs[arm], allow_changes)
         host_memory.release()  # the arm's freed memory, before the next arm's
         last = max((r["step"] for r in records), default=0)
         if last < config.train_steps:
@@ -546,6 +547,9 @@ def define_flags() -> None:
     flags.DEFINE_list("arms", None, f"the arms of each seed, some of {','.join(ARMS)}: control "
                       "and at least one thinking arm (quiet_star, rlp); default: the config's "
                       "own thinking arm (its quiet_star.objective), control and filler")
+    flags.DEFINE_bool("resume_with_changes", False, "resume the arms even where the config "
+                      "changes settings a resume keeps unless asked (the optimizer's, "
+                      "model.dtype), as train's flag of that name")
 
 
 def _say(message: str) -> None:
@@ -600,10 +604,10 @@ SUMMARY_LINE_KEYS = ("seeds", "thinking_arm", "overall", "hardest_decile", "thin
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, seeds: list[int],
-        arms: tuple[str, ...] | None = None) -> dict:
+        arms: tuple[str, ...] | None = None, allow_changes: bool = False) -> dict:
     """The base model (if the config has one), the predictor check (known-answer task), the
-    arms of every seed (None: `default_arms`), then summary.json, report.html and the summary
-    (returned)."""
+    arms of every seed (None: `default_arms`; resumed with `allow_changes` as `train.run`),
+    then summary.json, report.html and the summary (returned)."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds={','.join(map(str, seeds))}: name distinct seeds")
     arms = check_arms(config, default_arms(config) if arms is None else arms)
@@ -620,7 +624,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, seeds: list[int],
         config = base_model.arm_config(config, base_model.prepare(config, workdir))
     check = (_predictor_check(config, workdir) if config.data.source == "known_answer"
              and config.model.source == "hf" else None)
-    per_seed = [run_seed(config, workdir, seed, arms) for seed in seeds]
+    per_seed = [run_seed(config, workdir, seed, arms, allow_changes) for seed in seeds]
     by_arm = {arm: [results[arm] for results in per_seed] for arm in _thinking(arms)}
     summary = summarize_arms(by_arm, describe(config, seeds, arms, started))
     if check is not None:
@@ -647,19 +651,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, seeds: list[int],
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", cli.USAGE)
     config, workdir, seeds, arms = (flags.FLAGS[k].value
                                     for k in ("config", "workdir", "seeds", "arms"))
     if config is None or not workdir:
-        raise app.UsageError("--config and --workdir are required")
+        cli.fail("--config and --workdir are required", cli.USAGE)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
         seeds = [int(s) for s in seeds]
     except ValueError:
-        cli.fail(f"--seeds={','.join(seeds)}: expected integers such as 0,1,2", 2)
+        cli.fail(f"--seeds={','.join(seeds)}: expected integers such as 0,1,2", cli.USAGE)
     with cli.one_line_errors():
-        run(config, workdir, seeds, None if arms is None else tuple(arms))
+        run(config, workdir, seeds, None if arms is None else tuple(arms),
+            flags.FLAGS.resume_with_changes)
 
 
 if __name__ == "__main__":

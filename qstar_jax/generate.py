@@ -6,20 +6,21 @@ of the cache, a mix of the end-of-thought state with the last base state (the ev
 semantics: n_ahead_talk = 1), and one pass of the chosen token, whose keys alone join the cache.
 The per-token step is one jitted function with static shapes.
 
-    python -m qstar_jax.generate --checkpoint DIR --prompt "..." [--show_thoughts]
+    python -m qstar_jax.generate --checkpoint DIR --prompt "..." [--show_thoughts | --nothoughts]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
+import re
 from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from qstar_jax import cli, loading
 from qstar_jax.errors import ConfigError, DataError
@@ -39,8 +40,10 @@ from qstar_jax.thoughts import (
     speakable_token,
     start_end_embeddings,
 )
+from qstar_jax.tokenizer import token_pieces
 
 PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this, to reuse compilations
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but newline and tab, DEL, C1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,33 +287,51 @@ def thought_text(tokenizer, cfg: QuietStarConfig, thought: Sequence[int]) -> str
     return tokenizer.decode(ids)
 
 
+def printable(text: str) -> str:
+    """`text` without the control characters (ESC, CR, DEL, C1) that would drive a terminal:
+    model output is printed, not interpreted. Newlines and tabs stay."""
+    return CONTROL.sub("", text)
+
+
+def command_flags() -> flags.FlagValues:
+    """This command's flags, on their own FlagValues: commands imported together never share
+    one, and each main() call parses from the defaults."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "HF-format Quiet-STaR directory or training workdir "
+                        "(required)", flag_values=fv)
+    flags.DEFINE_string("prompt", None, "the text to continue (required)", flag_values=fv)
+    flags.DEFINE_bool("show_thoughts", False, "after the continuation, print each token with "
+                      "its thought", flag_values=fv)
+    flags.DEFINE_bool("thoughts", True, "think before every token (--nothoughts: plain "
+                      "KV-cached decoding)", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_float("temperature", 0.0, "0: greedy", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "nucleus sampling: keep the smallest set of tokens of this "
+                       "much probability", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the sampled thoughts and tokens", flag_values=fv)
+    return fv
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qstar_jax.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="HF-format Quiet-STaR directory or training workdir")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--show_thoughts", action="store_true",
-                        help="after the continuation, print each token with its thought")
-    parser.add_argument("--no_thoughts", action="store_true",
-                        help="plain KV-cached decoding, no thinking")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.show_thoughts and args.no_thoughts:
-        parser.error("--show_thoughts and --no_thoughts exclude each other")
-    with cli.one_line_errors(2):
-        sampling = Sampling(args.temperature, args.top_p)
-        cfg, params, tok = loading.load_checkpoint(args.checkpoint)
-        out = generate(params, cfg, tok, [args.prompt], max_new_tokens=args.max_new_tokens,
-                       sampling=sampling, thinking=not args.no_thoughts, seed=args.seed)[0]
-    print(out.text)
-    if args.show_thoughts:
+    """Continue --prompt and print the prompt with its continuation (and the thoughts)."""
+    fv = command_flags()
+    cli.parse_command(fv, argv, __doc__, required=("checkpoint", "prompt"))
+    if fv.show_thoughts and not fv.thoughts:
+        cli.fail("--show_thoughts and --nothoughts exclude each other", cli.USAGE)
+    with cli.one_line_errors(cli.USAGE):
+        sampling = Sampling(fv.temperature, fv.top_p)
+    with cli.one_line_errors():
+        cfg, params, tok = loading.load_checkpoint(fv.checkpoint)
+        out = generate(params, cfg, tok, [fv.prompt], max_new_tokens=fv.max_new_tokens,
+                       sampling=sampling, thinking=fv.thoughts, seed=fv.seed)[0]
+    context = tok.encode(fv.prompt, add_bos=tok.bos_id is not None)
+    pieces = token_pieces(tok, context, out.tokens)
+    print(printable(fv.prompt + "".join(pieces)))
+    if fv.show_thoughts:
         print("\n--- thoughts (token <- thought that preceded it) ---")
-        for token, thought in zip(out.tokens, out.thoughts, strict=True):
-            print(f"{tok.decode([token])!r}\t<- {thought_text(tok, cfg, thought)!r}")
+        for piece, thought in zip(pieces, out.thoughts, strict=True):
+            print(f"{piece!r}\t<- {thought_text(tok, cfg, thought)!r}")
 
 
 if __name__ == "__main__":

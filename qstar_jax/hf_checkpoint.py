@@ -569,12 +569,18 @@ def to_hf(params: Params, cfg: ModelConfig, path: str | os.PathLike, *,
 
 
 
-def inspect(path: str | os.PathLike) -> tuple[ModelConfig, int, int, dict[str, Any] | None]:
-    """(config, parameter count, safetensors file count, Quiet-STaR settings or None for a plain
-    model) of an HF directory, its tensors not read."""
+def inspect(path: str | os.PathLike
+            ) -> tuple[ModelConfig, int, int, int, dict[str, Any] | None]:
+    """(config, the model's parameter count, the count stored, safetensors file count,
+    Quiet-STaR settings or None for a plain model) of an HF directory, its tensors not read.
+    The two counts differ by the second rows of start_embedding and end_embedding, which the
+    authors' layout stores and never uses."""
     cfg = read_config(path)
     with _TensorFiles(Path(path)) as files:
-        count = sum(math.prod(files.shape(n)) for n in files.file_of)
+        stored = sum(math.prod(files.shape(n)) for n in files.file_of)
+        unused = sum(files.shape(n)[1] for n in ("start_embedding", "end_embedding")
+                     if n in files.file_of and files.shape(n)[0] == 2)
         thoughts = "start_embedding" in files.file_of
         n_files = len(set(files.file_of.values()))
-    return cfg, count, n_files, read_quiet_star_settings(path) if thoughts else None
+    settings = read_quiet_star_settings(path) if thoughts else None
+    return cfg, stored - unused, stored, n_files, settings

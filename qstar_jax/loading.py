@@ -4,8 +4,9 @@
 Llama-style decoder of the given size, with a sentencepiece tokenizer trained on the run's
 training documents and kept in the workdir), "hf" (a Hugging Face directory at `model.path`, local
 or gs://, plain or Quiet-STaR) or "demo" (SmolLM2-135M-Instruct, gguf_checkpoint.demo_dir).
-`load_checkpoint` gives (QuietStarConfig, params, tokenizer) of a Quiet-STaR model for use: an HF
-export or a training workdir's saved step, which `export_checkpoint` writes as an HF directory.
+`load_checkpoint` gives (QuietStarConfig, params, tokenizer) of any checkpoint for use: a training
+workdir's saved step (which `export_checkpoint` writes as an HF directory), a Quiet-STaR HF
+export, or a plain HF model with new thought parameters.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import ml_collections
 from etils import epath
 from jax.experimental import multihost_utils
 
-from qstar_jax import checkpoint, data, hf_checkpoint, known_answer
+from qstar_jax import checkpoint, data, hf_checkpoint, known_answer, run_settings
 from qstar_jax import tokenizer as tokenizer_lib
-from qstar_jax.config import SIZE_KEYS, check_model_keys, quiet_star_config
+from qstar_jax.config import SIZE_KEYS, check_model_keys, quiet_star_config, quiet_star_defaults
 from qstar_jax.directories import copy_files, local_dir
 from qstar_jax.errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError
 from qstar_jax.gguf_checkpoint import demo_dir
@@ -86,7 +87,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     # A plain model's thought tokens go after its embedding matrix, also where the matrix has
     # more rows than the tokenizer has tokens (Qwen): tokenizer._place_thought_ids.
     thought_ids = (tok.start_thought_id, tok.end_thought_id)
-    if max(thought_ids) < model_cfg.vocab_size:  # a Quiet-STaR checkpoint: thought rows present
+    if _has_thought_rows(tok, model_cfg):
         cfg = quiet_star_config(config.quiet_star, model_cfg, tok)
         return Model(cfg, tok, _init_token(tok, cfg.init_text),
                      lambda: _checked(loaded(), True, where))
@@ -103,6 +104,11 @@ def load_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
         return add_thought_params(decoder, model_cfg, init_token, key, cfg.embedding_scale)[1]
 
     return Model(cfg, tok, init_token, load)
+
+
+def _has_thought_rows(tok: tokenizer_lib.Tokenizer, model_cfg: ModelConfig) -> bool:
+    """Whether the model's embedding has rows for the thought tokens (a Quiet-STaR checkpoint)."""
+    return max(tok.start_thought_id, tok.end_thought_id) < model_cfg.vocab_size
 
 
 def _checked(params: Params, thoughts: bool, source: str) -> Params:
@@ -164,7 +170,7 @@ def load_run(workdir: str, step: int | None = None, ema: bool = False
 
     The model is rebuilt from the run's saved config.json, after a step is found to be saved.
     """
-    config = checkpoint.load_config(workdir)
+    config = run_settings.load_config(workdir)
     if ema and config.quiet_star.get("objective", "quiet_star") != "rlp":
         raise CheckpointError(f"{workdir}: trained with objective="
                               f"{config.quiet_star.get('objective', 'quiet_star')!r}, which keeps "
@@ -188,10 +194,11 @@ def export_checkpoint(workdir: str, step: int | None, out_dir: str,
     return step
 
 
-def load_checkpoint(path: str, step: int | None = None
+def load_checkpoint(path: str, step: int | None = None, seed: int = 0
                     ) -> tuple[QuietStarConfig, Params, tokenizer_lib.Tokenizer]:
-    """(QuietStarConfig, params, Tokenizer) of a Quiet-STaR model for use: an HF-format export
-    directory, or a training workdir's saved `step` (None: its newest readable one)."""
+    """(QuietStarConfig, params, Tokenizer) of any checkpoint, ready to think: a training
+    workdir's saved `step` (None: its newest readable one), a Quiet-STaR HF export with its
+    settings, or a plain HF model given new thought parameters (`plain_model_thoughts`)."""
     if not os.path.isdir(path):
         raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
     if os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR)):
@@ -199,14 +206,32 @@ def load_checkpoint(path: str, step: int | None = None
         return model.cfg, params, model.tokenizer
     if step is not None:
         raise ConfigError(f"{path}: an HF directory holds one model, not saved steps (step {step})")
+    model_cfg = hf_checkpoint.read_config(path)
+    if not _has_thought_rows(tokenizer_lib.load(path, embedding_rows=model_cfg.vocab_size),
+                             model_cfg):
+        return plain_model_thoughts(path, seed)
     return _load_hf(path)
+
+
+def plain_model_thoughts(path: str, seed: int = 0
+                         ) -> tuple[QuietStarConfig, Params, tokenizer_lib.Tokenizer]:
+    """A plain HF model with new thought parameters, as training starts from it: the authors'
+    settings (the "reference" preset), the start and end embeddings from quiet_star.init_text,
+    the mixing head drawn from `seed` (its output starts near 0: the model's own predictions)."""
+    runtime = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+               if f.name in RUNTIME_FIELDS}
+    config = ml_collections.ConfigDict(dict(
+        model=dict(source="hf", path=path, **{**runtime, "remat_policy": "none"}),
+        quiet_star=quiet_star_defaults(), seed=seed))
+    model = load_model(config, workdir=path)
+    return model.cfg, model.load(), model.tokenizer
 
 
 def _load_hf(path: str) -> tuple[QuietStarConfig, Params, tokenizer_lib.Tokenizer]:
     model_cfg, params = hf_checkpoint.from_hf(path, remat_policy="none")
     if not is_quiet_star(params):
-        raise CheckpointError(f"{path}: not a Quiet-STaR checkpoint (no start_embedding, "
-                              "end_embedding and talk_head tensors)")
+        raise CheckpointError(f"{path}: its tokenizer has thought tokens, but its weights have no "
+                              "start_embedding, end_embedding and talk_head tensors")
     settings = hf_checkpoint.read_quiet_star_settings(path)
     tok = tokenizer_lib.load(path)
     settings.setdefault("pad_id", tok.pad_id)

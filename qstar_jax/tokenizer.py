@@ -14,8 +14,9 @@ import io
 import itertools
 import json
 import os
+import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -325,11 +326,19 @@ class VocabularyTooLarge(DataError):
         self.most = most
 
 
+# sentencepiece skips a "sentence" longer than this many bytes (its max_sentence_length default).
+_SENTENCE_BYTES = 4192
+# The most text it trains on: it needs about 4 bytes of memory a byte of it, and 256 MiB of text
+# is plenty for the vocabularies of random models.
+_SAMPLE_BYTES = 1 << 28
+
+
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, directory: str,
                         byte_fallback: bool = True) -> Tokenizer:
     """Train a Llama-style BPE sentencepiece model on `texts`, save it to `directory`, return it.
 
-    For tests and tiny configs; with byte_fallback the vocabulary needs >= ~320 pieces.
+    For tests and random models; with byte_fallback the vocabulary needs >= ~320 pieces. Texts of
+    any length can be given: `_training_sentences` cuts and samples them.
     """
     texts = [_check_text(t) for t in texts]
     if not any(texts):
@@ -337,10 +346,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, directory: str,
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-            model_type="bpe", byte_fallback=byte_fallback, split_digits=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, minloglevel=2)
+            sentence_iterator=_training_sentences(texts), model_writer=model,
+            vocab_size=vocab_size, model_type="bpe", byte_fallback=byte_fallback,
+            split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, max_sentence_length=_SENTENCE_BYTES, minloglevel=2)
     except RuntimeError as e:
         most = re.search(r"<= (\d+)", str(e))
         if most:
@@ -349,6 +358,47 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, directory: str,
     tokenizer = SentencePieceTokenizer(model.getvalue(), os.path.join(directory, "tokenizer.model"))
     tokenizer.save(directory)
     return tokenizer
+
+
+def _training_sentences(texts: list[str]) -> Iterator[str]:
+    """The "sentences" sentencepiece trains on: each text cut to fit (`_cut`), and where the texts
+    hold more than _SAMPLE_BYTES, texts in a fixed random order up to that much.
+
+    Sampling here rather than with sentencepiece's input_sentence_size: that counts sentences, not
+    bytes, and draws a different sample each run.
+    """
+    order = range(len(texts))
+    if sum(len(t.encode("utf-8")) for t in texts) > _SAMPLE_BYTES:
+        order = random.Random(0).sample(order, len(texts))
+    budget = _SAMPLE_BYTES
+    for i in order:
+        for sentence in _cut(texts[i].encode("utf-8"), _SENTENCE_BYTES):
+            if len(sentence) > budget:
+                return
+            budget -= len(sentence)
+            yield sentence.decode("utf-8")
+
+
+def _cut(text: bytes, limit: int) -> Iterator[bytes]:
+    """UTF-8 `text` in pieces of at most `limit` bytes, each whole characters.
+
+    A cut falls at the last space that fits, and drops it: the dummy-prefix space sentencepiece
+    puts before each sentence stands in for it, so every word is trained on as in the whole text.
+    Only a stretch without spaces is cut after its last character that fits.
+    """
+    start = 0
+    while len(text) - start > limit:
+        space = text.rfind(b" ", start + 1, start + limit + 1)
+        if space != -1:
+            yield text[start:space]
+            start = space + 1
+            continue
+        end = start + limit
+        while text[end] & 0xC0 == 0x80:  # a continuation byte: inside a character
+            end -= 1
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 # llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> how text is split before byte-level BPE.

@@ -2,9 +2,11 @@
 
     python -m qstar_jax.train --config=configs/tiny.py --workdir=runs/tiny [--config.KEY=VALUE ...]
 
-Writes under the workdir: checkpoints/, config.json (the resolved config), metrics.jsonl (one
-JSON object per logged step; "eval/..." keys for held-out evaluations), tensorboard/ and, for a
-random model, tokenizer/. Run it again with the same workdir to resume.
+Writes under the workdir: checkpoints/, config.json (the resolved config of the first start),
+config_history.jsonl (the settings resumes changed), metrics.jsonl (one JSON object per logged
+step; "eval/..." keys for held-out evaluations), tensorboard/ and, for a random model,
+tokenizer/. Run it again with the same workdir to resume (`run_settings`: which settings a resume
+may change); SIGTERM or Ctrl-C saves and stops after the step in flight.
 
     python -m qstar_jax.train --config=configs/tpu_v4.py --compile_only=v4-64 [--config...]
 
@@ -38,6 +40,7 @@ from qstar_jax import (
     logs,
     optim,
     outputs,
+    run_settings,
     sharding,
     steps,
 )
@@ -54,7 +57,7 @@ class NonFiniteLoss(RunStopped):
 
 
 class Interrupted(RunStopped):
-    """A run stopped before its last step (SIGTERM); its checkpoint is kept."""
+    """A run stopped before its last step (SIGTERM, Ctrl-C); its checkpoint is kept."""
 
 
 @dataclasses.dataclass
@@ -148,9 +151,11 @@ def _global_rows(local: list[dict]) -> dict[str, np.ndarray]:
     return rows
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def run(config: ml_collections.ConfigDict, workdir: str, allow_changes: bool = False
+        ) -> list[dict]:
     """Train per `config` in `workdir` (resuming if it holds checkpoints); returns the logged
-    records of process 0 (metrics.jsonl)."""
+    records of process 0 (metrics.jsonl). A resume may change only some settings, and others
+    with `allow_changes` (`run_settings`)."""
     config_lib.check_run_config(config)
     config_lib.check_model_keys(config.model)
     if config.distributed:
@@ -166,12 +171,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     outputs.prepare_workdir(workdir, jax.process_index())
     logs.say("config:\n%s", config)
     logs.say("mesh: %s", sharding.describe(mesh, config.mesh))
-    checkpoint.save_config(workdir, config)
+    changes = run_settings.check(workdir, config, allow_changes, jax.process_index() == 0)
     model = loading.load_model(config, workdir)
     check_batch(model.cfg, config.seq_len)
     trainer = steps.build(config, model, mesh)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(trainer.abstract_state["params"]))
-    logs.say("model: %s parameters", f"{n_params:,}")
+    logs.say("model: %s parameters%s", f"{n_params:,}", " (the thought parameters included: "
+             "start and end embeddings, mixing head)" if trainer.model.cfg.thinks else "")
 
     data_kwargs = dict(seq_len=config.seq_len, global_batch=config.batch_size,
                        process_index=jax.process_index(), process_count=jax.process_count())
@@ -186,14 +192,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     ckpts = checkpoint.Checkpoints(workdir, config.checkpoint_keep,
                                    checkpoint.largest_array_bytes(trainer.abstract_state))
     try:
-        return _loop(config, workdir, trainer, ckpts, data_iter, heldout_rows)
+        return _loop(config, workdir, trainer, ckpts, data_iter, heldout_rows, changes)
     finally:
         ckpts.close()
 
 
 def _loop(config, workdir, trainer: steps.Trainer, ckpts: checkpoint.Checkpoints, data_iter,
-          heldout_rows: list[dict]) -> list[dict]:
-    state = ckpts.restore(trainer.abstract_state, data_iter)
+          heldout_rows: list[dict], changes: dict) -> list[dict]:
+    try:
+        state = ckpts.restore(trainer.abstract_state, data_iter)
+    except checkpoint.LayoutMismatch as e:
+        if not changes:
+            raise
+        raise ConfigError(f"the saved state cannot take this resume's changes "
+                          f"({run_settings.describe(changes)}): its arrays differ "
+                          f"({e.differences}); resume without those changes") from None
+    if changes:
+        if jax.process_index() == 0:
+            run_settings.record(workdir, changes)
+        logs.say("resuming with changed settings: %s (recorded in %s)",
+                 run_settings.describe(changes), run_settings.HISTORY_FILE)
     fresh = state is None
     if fresh:
         state = trainer.init_state(config.seed)
@@ -267,7 +285,8 @@ def _loop(config, workdir, trainer: steps.Trainer, ckpts: checkpoint.Checkpoints
             saved = step
         if stop:
             ckpts.wait()
-            logs.say("stopped by SIGTERM at step %d; checkpoint saved", step)
+            logs.say("stopped by %s at step %d; checkpoint saved", "Ctrl-C" if ckpts.stop_signal ==
+                     "SIGINT" else ckpts.stop_signal or "preemption", step)
             break
     ckpts.wait()
     records = log.records if log.enabled else []
@@ -283,6 +302,9 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints and logs; reused to resume")
+    flags.DEFINE_bool("resume_with_changes", False, "resume even where the config changes "
+                      "settings a resume keeps unless asked (the optimizer's, model.dtype); each "
+                      "change is recorded in the workdir's config_history.jsonl")
     flags.DEFINE_string(
         "compile_only", None, "do not train: compile the train step for this accelerator (a TPU "
         "v4 slice such as v4-64, a TPU topology such as v4:2x4x4, or cpu) on this machine, print "
@@ -293,11 +315,11 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", cli.USAGE)
     config, workdir, accelerator = (flags.FLAGS[k].value
                                     for k in ("config", "workdir", "compile_only"))
     if config is None:
-        raise app.UsageError("--config is required")
+        cli.fail("--config is required", cli.USAGE)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and jax log every detail at INFO
     if accelerator:
@@ -310,9 +332,9 @@ def main(argv: list[str]) -> None:
         print(json.dumps(report), flush=True)
         return
     if not workdir:
-        raise app.UsageError("--workdir is required (except with --compile_only)")
+        cli.fail("--workdir is required (except with --compile_only)", cli.USAGE)
     with cli.one_line_errors():
-        run(config, workdir)
+        run(config, workdir, flags.FLAGS.resume_with_changes)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ thought that preceded it on hover.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import html
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from qstar_jax import cli, generate, loading, outputs, scoring
 from qstar_jax.errors import ConfigError, DataError, PathNotFoundError
@@ -141,25 +141,32 @@ def read_text(path: str) -> str:
     return text
 
 
+def command_flags() -> flags.FlagValues:
+    """This command's flags, on their own FlagValues (see generate.command_flags)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "HF-format Quiet-STaR directory or training workdir "
+                        "(required)", flag_values=fv)
+    flags.DEFINE_string("text", None, "UTF-8 text file to score (required)", flag_values=fv)
+    flags.DEFINE_string("out", None, "HTML file to write (required)", flag_values=fv)
+    flags.DEFINE_integer("window", 256, "tokens per forward pass", lower_bound=3,
+                         flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the sampled thoughts", flag_values=fv)
+    return fv
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qstar_jax.visualize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="HF-format Quiet-STaR directory or training workdir")
-    parser.add_argument("--text", required=True, help="UTF-8 text file to score")
-    parser.add_argument("--out", required=True, help="HTML file to write")
-    parser.add_argument("--window", type=int, default=256, help="tokens per forward pass")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled thoughts")
-    args = parser.parse_args(argv)
-    with cli.one_line_errors(2):
-        outputs.check_output_file(args.out)  # before the scoring, not after
-        text = read_text(args.text)
-        cfg, params, tok = loading.load_checkpoint(args.checkpoint)
-        scores = score_text(params, cfg, tok, text, window=args.window, seed=args.seed)
-    page = render_html(scores, tok, cfg, f"Where thinking helps: {os.path.basename(args.text)}")
-    with open(args.out, "w", encoding="utf-8") as f:
+    """Score --text and write the page to --out."""
+    fv = command_flags()
+    cli.parse_command(fv, argv, __doc__, required=("checkpoint", "text", "out"))
+    with cli.one_line_errors():
+        outputs.check_output_file(fv.out)  # before the scoring, not after
+        text = read_text(fv.text)
+        cfg, params, tok = loading.load_checkpoint(fv.checkpoint)
+        scores = score_text(params, cfg, tok, text, window=fv.window, seed=fv.seed)
+    page = render_html(scores, tok, cfg, f"Where thinking helps: {os.path.basename(fv.text)}")
+    with open(fv.out, "w", encoding="utf-8") as f:
         f.write(page)
-    print(f"wrote {args.out} ({len(scores)} tokens)")
+    print(f"wrote {fv.out} ({len(scores)} tokens)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Checkpoints of a small hand-made state: keep the last K, restore state and data position,
-set an unreadable newest step aside, refuse when none is readable, and SIGTERM asks to stop."""
+set an unreadable newest step aside, refuse when none is readable, name arrays of other shapes,
+and SIGTERM or a first Ctrl-C asks to stop (a second one stops at once)."""
 
 import asyncio
 import logging
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qstar_jax import checkpoint, loading
+from qstar_jax import checkpoint, loading, run_settings
 from qstar_jax.errors import CheckpointError
 
 
@@ -170,6 +171,38 @@ def test_a_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
         ["1", "2"]
 
 
+def test_a_first_ctrl_c_requests_a_stop_and_a_second_interrupts_at_once(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    ckpts = checkpoint.Checkpoints(str(tmp_path), 1)
+    assert not ckpts.should_stop(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert ckpts.should_stop(2) and ckpts.stop_signal == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs between bytecodes, after the signal arrives
+    ckpts.close()
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_saved_arrays_of_other_shapes_are_named_not_set_aside(tmp_path):
+    """A state whose arrays differ from the saved ones (another model size, another optimizer)
+    is a LayoutMismatch naming them, and the saved steps stay where they are."""
+    save_steps(tmp_path, [1, 2])
+    other = make_state(0)
+    other["params"]["w"] = jnp.zeros((3, 3))
+    del other["opt_state"]["mu"]
+    ckpts = checkpoint.Checkpoints(str(tmp_path), 2)
+    try:
+        with pytest.raises(checkpoint.LayoutMismatch) as e:
+            ckpts.restore(abstract(other), make_iterator())
+    finally:
+        ckpts.close()
+    assert e.value.differences == ("params/w: saved [2, 3], now [3, 3]; "
+                                   "train/opt_state/mu: saved [2, 3], now none")
+    assert "settings that shape the model or the optimizer state differ" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
 def test_loading_a_run_without_saved_steps_fails_before_building_the_model(tmp_path):
     """A random-model run builds its tokenizer into the workdir; with no step saved, nothing is
     built or written: the error names the missing checkpoints."""
@@ -178,12 +211,12 @@ def test_loading_a_run_without_saved_steps_fails_before_building_the_model(tmp_p
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
     from tiny import get_config
 
-    checkpoint.save_config(str(tmp_path), get_config())
+    run_settings.check(str(tmp_path), get_config())
     (tmp_path / checkpoint.CHECKPOINT_DIR).mkdir()
     with pytest.raises(CheckpointError, match="no saved checkpoints"):
         loading.load_run(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.CHECKPOINT_DIR,
-                                                          checkpoint.CONFIG_FILE]
+                                                          run_settings.CONFIG_FILE]
 
 
 def test_on_cpu_a_save_is_written_when_it_returns(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from test_loading import save_tiny_run
 
 from qstar_jax import convert, directories, hf_checkpoint
 from qstar_jax.errors import CheckpointError, CheckpointNotFoundError
@@ -313,12 +314,49 @@ def test_cli_inspect(copy_of, capsys):
     out = capsys.readouterr().out
     n = sum(w.size for w in tensors_of(copy_of).values())
     assert f"parameters: {n:,}" in out and '"n_kv_heads": 2' in out
-    with pytest.raises(SystemExit) as e:
-        convert.main(["--help"])
-    assert e.value.code == 0
-    usage = capsys.readouterr().out
-    assert usage.splitlines()[2].startswith("Convert checkpoints. Subcommands")
-    assert all(f"\n  {verb}  " in usage for verb in ("from-gguf", "to-hf   ", "inspect "))
+
+
+def test_cli_inspect_of_a_training_workdir(tmp_path, capsys):
+    """A workdir is no HF directory: inspect says what it is, its newest step, its model and
+    Quiet-STaR settings, and how to export it."""
+    workdir = tmp_path / "run"
+    model, _ = save_tiny_run(workdir, (3, 5))
+    convert.main(["inspect", "--path", str(workdir)])
+    out = capsys.readouterr().out
+    head, rest = out.split("\n", 1)
+    assert head == (f"{workdir}: a training workdir, newest saved step 5; python -m "
+                    f"qstar_jax.convert to-hf --checkpoint {workdir} --out DIR exports it")
+    model_part, quiet_star_part = rest.split("quiet-star: ")
+    assert json.loads(model_part.removeprefix("model: "))["d_model"] == model.cfg.model.d_model
+    assert json.loads(quiet_star_part)["n_ahead"] == model.cfg.n_ahead == 4
+
+
+def test_cli_checks_out_before_the_conversion(copy_of, tmp_path, capsys, monkeypatch):
+    """An --out that exists with files, or under a file, is one line (exit 1) before the
+    training workdir is read (here it does not exist) or the GGUF file opened."""
+    def never(*args, **kwargs):
+        raise AssertionError("the conversion started")
+
+    monkeypatch.setattr(convert.gguf_checkpoint, "from_gguf", never)
+    (tmp_path / "a_file").write_text("")
+    for out, message in [
+            (copy_of, f"--out={copy_of}: already exists and is not an empty directory; choose a "
+                      "new path"),
+            (tmp_path / "a_file" / "hf", f"--out={tmp_path / 'a_file' / 'hf'}: cannot write in "
+                                         f"{tmp_path / 'a_file'} (Not a directory); choose a "
+                                         "directory you can write to")]:
+        for argv in (["to-hf", "--checkpoint", str(tmp_path / "none")],
+                     ["from-gguf", "--gguf", str(tmp_path / "none.gguf")]):
+            with pytest.raises(SystemExit) as e:
+                convert.main([*argv, "--out", str(out)])
+            assert e.value.code == 1
+            assert capsys.readouterr().err == f"error: {message}\n"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AssertionError, match="the conversion started"):  # an empty one will do
+        convert.main(["from-gguf", "--gguf", "x.gguf", "--out", str(tmp_path / "empty")])
+    with pytest.raises(AssertionError, match="the conversion started"):  # made with parents
+        convert.main(["from-gguf", "--gguf", "x.gguf", "--out", str(tmp_path / "new" / "hf")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "ckpt", "empty"]
 
 
 # ----------------------------------------------------------------------------- remote directories

@@ -322,6 +322,47 @@ def test_heldout_split_and_batches(corpus):
                              ByteTokenizer(), seq_len=32, global_batch=4)
 
 
+
+def heldout_error(**overrides):
+    """The message of the error heldout_batches (the train command's call) raises for a config."""
+    with pytest.raises(errors.InputError) as caught:
+        data.heldout_batches(config(**overrides), ByteTokenizer(), seq_len=32, global_batch=4)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.99])
+def test_one_text_file_is_one_document_and_the_error_says_so(tmp_path, fraction):
+    book = tmp_path / "book.txt"
+    book.write_text("Chapter one.\n" + "It was a long book.\n" * 200)
+    message = heldout_error(source="text", path=str(book), heldout_fraction=fraction)
+    # The one document went to training (no held-out split) or to held-out (no training split).
+    split = "training" if data.is_heldout(book.read_text(), fraction) else "held-out"
+    assert message.startswith(f"data: no {split} documents: data.path='{book}' gives one .txt "
+                              "file, which is one document")
+    assert "a directory of .txt files" in message and "--config.data.source=jsonl" in message
+
+
+def test_a_jsonl_path_with_the_text_source_names_the_source_to_set(corpus):
+    path, _ = corpus
+    message = heldout_error(source="text", path=path)
+    assert message == (f"data.path={path!r} ends in .jsonl but data.source=text: "
+                       "set --config.data.source=jsonl")
+
+
+def test_too_few_documents_to_hold_one_out_gives_a_fraction_that_does(tmp_path):
+    texts = [t for t in (f"note {i}: short text" for i in range(40))
+             if not data.is_heldout(t, 0.05)][:5]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text)
+    message = heldout_error(source="text", path=str(tmp_path))
+    assert "none of these 5 .txt files (one document each) does (0.25 expected)" in message
+    suggested = float(re.search(r"heldout_fraction=([\d.]+) or more", message)[1])
+    train, heldout = data.load_splits(config(source="text", path=str(tmp_path),
+                                             heldout_fraction=suggested))
+    assert heldout and train  # the suggestion works and leaves training documents
+    assert "data.heldout_fraction=0.0 holds none out" in heldout_error(
+        source="text", path=str(tmp_path), heldout_fraction=0.0)
+
 def test_synthetic_source_with_the_sentencepiece_tokenizer(tmp_path):
     from qstar_jax import tokenizer as tokenizer_lib
 

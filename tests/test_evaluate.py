@@ -249,12 +249,19 @@ def test_cli_direct(checkpoint, tmp_path, capsys):
         correct = sum(r[name]["argmax_correct"] for r in records)
         assert summary[name]["argmax_correct"] == correct
         assert summary[name]["argmax_accuracy"] == correct / 2
-    assert "gsm8k direct: 2/2" in captured.err
+    # The running accuracy: the count alone ("2/2") would read like a perfect score.
+    assert captured.err.endswith(
+        f"gsm8k direct: 2/2 examples, expected accuracy so far: thinking "
+        f"{summary['thinking']['expected_accuracy']:.2f}, no_thinking "
+        f"{summary['no_thinking']['expected_accuracy']:.2f}\n")
 
-    ev.main(["--checkpoint", checkpoint, "--task", "gsm8k", "--data", data, "--limit", "2",
-             "--batch_size", "2", "--no_thoughts"])
-    summary = json.loads(capsys.readouterr().out)
+    ev.main(["--checkpoint", checkpoint, "--task", "gsm8k", "--data", data, "--limit=1",
+             "--batch_size", "1", "--nothoughts"])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
     assert "no_thinking" in summary and "thinking" not in summary
+    assert captured.err.endswith(f"gsm8k direct: 1/1 examples, expected accuracy so far: "
+                                 f"no_thinking {records[0]['no_thinking']['prob']:.2f}\n")
 
 
 def test_cli_cot(checkpoint, tmp_path, capsys):
@@ -263,9 +270,10 @@ def test_cli_cot(checkpoint, tmp_path, capsys):
     out = tmp_path / "results.jsonl"
     # Thinking generation has its own tests; here the plain mode keeps compilation short.
     ev.main(["--checkpoint", checkpoint, "--task", "csqa", "--data", data, "--mode", "cot",
-             "--cot_samples", "2", "--max_new_tokens", str(ev.ANSWER_TOKENS), "--no_thoughts",
+             "--cot_samples", "2", "--max_new_tokens", str(ev.ANSWER_TOKENS), "--nothoughts",
              "--out", str(out)])
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["cot_samples"] == 2 and len(records) == 2 and "thinking" not in summary
     right = 0
@@ -276,21 +284,26 @@ def test_cli_cot(checkpoint, tmp_path, capsys):
         assert r["no_thinking"]["correct"] == (prediction == row["answerKey"])  # the data's key
         right += prediction == row["answerKey"]
     assert summary["no_thinking"] == {"accuracy": right / 2, "correct": right}
+    first = float(records[0]["no_thinking"]["correct"])
+    assert captured.err.endswith(
+        f"\rcsqa cot: 1/2 examples, accuracy so far: no_thinking {first:.2f}"
+        f"\rcsqa cot: 2/2 examples, accuracy so far: no_thinking {right / 2:.2f}\n")
 
 
 def test_cli_errors(checkpoint, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [GSM8K[0], GSM8K[1], "[1, 2"])
     with pytest.raises(SystemExit) as e:
         ev.main(["--checkpoint", checkpoint, "--task", "gsm8k", "--data", bad])
-    assert e.value.code == 2
+    assert e.value.code == 1  # found as the command runs
     assert "bad.jsonl:3: not valid JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ev.main(["--checkpoint", checkpoint, "--task", "gsm8k", "--data",
                  str(tmp_path / "missing.jsonl")])
     assert "no such data file" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         ev.main(["--checkpoint", checkpoint, "--task", "gsm8k", "--data", bad, "--limit", "0"])
-    assert "--limit must be >= 1" in capsys.readouterr().err
+    assert e.value.code == 2  # a bad flag value
+    assert capsys.readouterr().err == "error: flag --limit=0: 0 is not a positive integer\n"
 
 
 def test_cli_checks_the_output_path_before_any_work(tmp_path, capsys):
@@ -300,7 +313,7 @@ def test_cli_checks_the_output_path_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--checkpoint", str(tmp_path / "no_model"), "--task", "gsm8k", "--data",
                  str(tmp_path / "no_data.jsonl"), "--out", str(out)])
-    assert e.value.code == 2
+    assert e.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --out={out}: the directory ") and "does not exist" in err
 

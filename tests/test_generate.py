@@ -260,14 +260,16 @@ def test_load_checkpoint_round_trip(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, got_params, params)
 
 
-def test_cli_prints_continuation_and_thoughts(checkpoint, capsys):
+def test_cli_prints_prompt_continuation_and_thoughts(checkpoint, capsys):
     generate.main(["--checkpoint", checkpoint, "--prompt", "the cat sat", "--show_thoughts",
                    "--max_new_tokens", "4"])
     printed = capsys.readouterr().out
     cfg, params, tok = loading.load_checkpoint(checkpoint)
     want = generate.generate(params, cfg, tok, ["the cat sat"], max_new_tokens=4)[0]
+    context = tok.encode("the cat sat")
+    continuation = tok.decode(context + want.tokens)[len(tok.decode(context)):]
     text, thoughts = printed.split("\n--- thoughts")
-    assert text == want.text + "\n"
+    assert text == "the cat sat" + continuation + "\n"
     lines = thoughts.strip().splitlines()[1:]
     assert len(lines) == len(want.tokens)
     assert all("<|startthought|>" in line and "<|endthought|>" in line for line in lines)
@@ -284,18 +286,47 @@ def test_cli_without_thoughts_and_errors(checkpoint, capsys, tmp_path, monkeypat
         return out
 
     monkeypatch.setattr(generate, "generate", spy)
-    generate.main(["--checkpoint", checkpoint, "--prompt", "dog", "--no_thoughts",
+    generate.main(["--checkpoint", checkpoint, "--prompt", "dog", "--nothoughts",
                    "--max_new_tokens", "3", "--temperature", "0.7", "--top_p", "0.9",
                    "--seed", "5"])
     kwargs, out = calls
     assert kwargs["sampling"] == generate.Sampling(temperature=0.7, top_p=0.9)
     assert (kwargs["thinking"], kwargs["max_new_tokens"], kwargs["seed"]) == (False, 3, 5)
-    assert capsys.readouterr().out == out[0].text + "\n"
+    tok = loading.load_checkpoint(checkpoint)[2]
+    assert capsys.readouterr().out == tok.decode(tok.encode("dog") + out[0].tokens) + "\n"
     monkeypatch.undo()
     with pytest.raises(SystemExit) as e:
         generate.main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
-    assert e.value.code == 2
+    assert e.value.code == 1  # found as the command runs
     assert "no such checkpoint directory" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         generate.main(["--checkpoint", checkpoint, "--prompt", "x", "--top_p", "0"])
-    assert "top_p" in capsys.readouterr().err
+    assert e.value.code == 2  # a bad flag value
+    assert capsys.readouterr().err == "error: top_p must lie in (0, 1], got 0.0\n"
+
+
+def test_cli_prints_no_terminal_control_characters(checkpoint, capsys, monkeypatch):
+    """Tokens that decode to an escape sequence (ESC [31m: red), a C1 control (CSI) or a
+    carriage return never reach the terminal raw: the prompt and continuation are printed
+    without their control characters (newlines and tabs stay), the thoughts as Python reprs."""
+    cfg, _, tok = loading.load_checkpoint(checkpoint)
+    spoken = tok.encode("\x1b[31mred\x9b2J\tcat\rdog\nend")
+    assert tok.decode(spoken) == "\x1b[31mred\x9b2J\tcat\rdog\nend"  # byte fallback
+    escape = tok.encode("\x1b[0m")
+    thoughts = [(escape * cfg.n_sampled)[:cfg.n_sampled]] * len(spoken)
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: [
+        generate.Generation(tok.decode(spoken), spoken, thoughts, "length")])
+    generate.main(["--checkpoint", checkpoint, "--prompt", "say \x1b]0;title\x07",
+                   "--show_thoughts"])
+    printed = capsys.readouterr().out
+    assert not {"\x1b", "\x9b", "\r", "\x07"} & set(printed)
+    text = printed.split("\n--- thoughts")[0]
+    assert text == "say ]0;title [31mred2J\tcatdog\nend\n"  # (sentencepiece's ▁ before them)
+    assert "<|startthought|>" in printed and "\\x1b" in printed  # thoughts: escaped, as repr
+
+
+def test_printable_keeps_text_and_drops_controls():
+    kept = "plain, naïve 東京 😀\n\tindented"
+    assert generate.printable(kept) == kept
+    controls = "".join(map(chr, [*range(0, 9), *range(11, 32), *range(127, 160)]))
+    assert generate.printable(f"a{controls}b") == "ab"

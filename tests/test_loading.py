@@ -19,7 +19,15 @@ import pytest
 from test_checkpoint import corrupt
 from test_generate import WORDS
 
-from qstar_jax import checkpoint, data, gguf_checkpoint, hf_checkpoint, loading
+from qstar_jax import (
+    checkpoint,
+    data,
+    gguf_checkpoint,
+    hf_checkpoint,
+    loading,
+    run_settings,
+    thoughts,
+)
 from qstar_jax import config as config_lib
 from qstar_jax import tokenizer as tk
 
@@ -37,7 +45,7 @@ def save_tiny_run(workdir: Path, steps: tuple[int, ...]) -> tuple[loading.Model,
                    dtype="float32", param_dtype="float32", remat_policy="none",
                    scan_layers=True),
         quiet_star=config_lib.quiet_star_defaults(n_ahead=4)))
-    checkpoint.save_config(str(workdir), config)
+    run_settings.check(str(workdir), config)
     model = loading.load_model(config, str(workdir))
     rng = np.random.default_rng(0)  # any values will do; no initialiser to compile
     saved = {}
@@ -128,3 +136,33 @@ def test_the_demo_model_reads_its_weights_only_when_loaded(monkeypatch, tmp_path
     params = model.load()
     assert len(reads) == 1
     assert params["decoder"]["embed"]["embedding"].shape == (49154, 576)
+
+
+def readme_snippet() -> str:
+    """The README's Python example, as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return readme.split("In Python:\n\n```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("kind", ["export", "plain"])
+def test_the_readme_python_example_runs_as_written(kind, workdir, tmp_path, monkeypatch, capsys):
+    """On a Quiet-STaR export and on a plain model directory (the export without its thought
+    parameters) at the path the README names."""
+    hf_dir = tmp_path / "runs" / "tiny_hf"
+    if kind == "export":
+        loading.export_checkpoint(workdir, None, str(hf_dir))
+    else:
+        _, model, params = loading.load_run(workdir)
+        plain_cfg, plain = thoughts.remove_thought_params(params, model.cfg)
+        hf_checkpoint.to_hf(plain, plain_cfg, hf_dir, tokenizer=model.tokenizer)
+    monkeypatch.chdir(tmp_path)
+    names = {}
+    exec(compile(readme_snippet(), "README.md", "exec"), names)
+    printed = capsys.readouterr().out.splitlines()
+    metrics, out, cfg = names["metrics"], names["out"], names["cfg"]
+    assert printed[0] == (f"base {metrics['loss_base']:.3f} nats/token, with thinking "
+                          f"{metrics['loss_talk']:.3f}")
+    assert 0 < float(metrics["loss_base"]) < 20 and np.isfinite(float(names["loss"]))
+    assert cfg.n_ahead == (4 if kind == "export" else 12)  # the run's, or the authors' default
+    assert 1 <= len(out.tokens) == len(out.thoughts) and printed[1].count("<|startthought|>") \
+        == len(out.thoughts)

@@ -32,7 +32,17 @@ from test_thoughts import (
     tiny_model,
 )
 
-from qstar_jax import checkpoint, convert, hf_checkpoint, loading, rlp, scoring, steps, train
+from qstar_jax import (
+    checkpoint,
+    convert,
+    hf_checkpoint,
+    loading,
+    rlp,
+    run_settings,
+    scoring,
+    steps,
+    train,
+)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -259,7 +269,7 @@ def configs_on_path():
     sys.path.remove(str(ROOT / "configs"))
 
 
-def test_a_resumed_rlp_run_is_bitwise_an_uninterrupted_one(configs_on_path, tmp_path):
+def test_a_resumed_rlp_run_is_bitwise_an_uninterrupted_one(configs_on_path, tmp_path, capsys):
     """The EMA is checkpointed and restored: resumed from step 3, step 6 equals the step 6 of the
     run that never stopped, parameters and EMA alike; `to-hf --ema` writes that EMA."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
@@ -291,13 +301,14 @@ def test_a_resumed_rlp_run_is_bitwise_an_uninterrupted_one(configs_on_path, tmp_
     # A run of the other objective keeps no EMA: one line, before any checkpoint is read.
     other = tmp_path / "quiet_star_run"
     other.mkdir()
-    saved = json.loads((whole / checkpoint.CONFIG_FILE).read_text())
+    saved = json.loads((whole / run_settings.CONFIG_FILE).read_text())
     saved["quiet_star"]["objective"] = "quiet_star"
-    (other / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
+    (other / run_settings.CONFIG_FILE).write_text(json.dumps(saved))
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         convert.main(["to-hf", "--checkpoint", str(other), "--out", str(tmp_path / "out"),
                       "--ema"])
-    assert "keeps no EMA parameters" in str(exit_info.value)
+    assert exit_info.value.code == 1 and "keeps no EMA parameters" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change, message", [

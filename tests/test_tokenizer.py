@@ -203,6 +203,41 @@ def _write_gguf(path, model, proto):
 # --- errors --------------------------------------------------------------------------------------
 
 
+
+def byte_pieces(directory, text):
+    """How many of `text`'s sentencepiece ids are byte-fallback pieces (characters not learned)."""
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(directory, "tokenizer.model"))
+    return sum(map(sp.is_byte, sp.encode(text)))
+
+
+def test_sentencepiece_trains_on_documents_of_any_length(tmp_path):
+    """sentencepiece skips "sentences" over 4192 bytes; whole 25 KB documents must still count."""
+    rng = random.Random(0)
+    words = "the cat sat on a mat dog ran fast café naïve 42 river think about why".split()
+    lines = [" ".join(rng.choices(words, k=rng.randint(3, 30))) for _ in range(1400)]
+    docs = ["\n".join(lines[i::4]) for i in range(4)]  # ~25 KB each, lines of text
+    # No line break at all: spaceless runs of 3- and 4-byte characters, then spaced Greek words.
+    runs = "".join(rng.choices("東京の天気は晴れです。😀🌧", k=3000))
+    greek = " ".join("".join(rng.choices("αβγδεζηθικλμ", k=rng.randint(2, 8))) for _ in range(1500))
+    docs += [runs + greek, "a short note."]
+    assert min(len(d.encode()) for d in docs[:5]) > 20_000 and "\n" not in docs[4]
+    tok = tk.train_sentencepiece(docs, 600, str(tmp_path))
+    for doc in docs:
+        assert tok.decode(tok.encode(doc)) == doc
+    assert byte_pieces(tmp_path, docs[4]) == 0  # its characters were trained on, none dropped
+
+
+def test_sentencepiece_training_text_is_sampled_to_a_bound(tmp_path, monkeypatch):
+    rng = random.Random(0)
+    alphabets = [[chr(c + i) for i in range(10)] for c in (0x3B1, 0x430, 0x5D0, 0xAC00, 0x4E00)]
+    docs = [" ".join("".join(rng.choices(a, k=4)) for _ in range(1000)) for a in alphabets]
+    learned = lambda directory: sum(byte_pieces(directory, d) == 0 for d in docs)  # noqa: E731
+    tk.train_sentencepiece(docs, 600, str(tmp_path / "all"))
+    assert learned(tmp_path / "all") == 5
+    monkeypatch.setattr(tk, "_SAMPLE_BYTES", 25_000)  # each document has 9 to 13 KB
+    tk.train_sentencepiece(docs, 600, str(tmp_path / "sample"))
+    assert 1 <= learned(tmp_path / "sample") <= 3
+
 def test_errors_name_the_file(tmp_path, spm_dir):
     missing = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="nope"):

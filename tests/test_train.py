@@ -7,6 +7,7 @@ not compile again.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,11 +23,10 @@ from test_sharding import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
-# configs/tiny.py, smaller; policy_loss_beta 1 so that runs on other meshes can be compared
+# configs/tiny.py, smaller; its policy_loss_beta of 1 lets runs on other meshes be compared
 # (see test_sharding.py).
 RUN = {"train_steps": 8, "seq_len": 16, "model.n_layers": 1, "log_every": 1,
-       "checkpoint_every": 3, "eval_every": 4, "eval_batches": 1,
-       "quiet_star.policy_loss_beta": 1.0}
+       "checkpoint_every": 3, "eval_every": 4, "eval_batches": 1}
 TIMING = ("step_time_s", "tokens_per_s")  # the only logged values that may differ between runs
 
 
@@ -149,7 +149,9 @@ def test_run_logs_metrics_tensorboard_and_checkpoints(reference):
     assert all("<|startthought|>" in x for t in thoughts for x in t["thoughts"])
 
 
-def test_sigterm_saves_and_a_resumed_run_logs_the_same_losses(reference, tmp_path, env):
+def test_ctrl_c_saves_and_a_resumed_run_logs_the_same_losses(reference, tmp_path, env):
+    """SIGINT to the training process. SIGTERM takes the same handler (test_checkpoint sends
+    both), so one signal's run from start to resume stands for both."""
     workdir = tmp_path / "run"
     proc = subprocess.Popen(command(workdir, {}), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -157,10 +159,11 @@ def test_sigterm_saves_and_a_resumed_run_logs_the_same_losses(reference, tmp_pat
     while 2 not in logged_steps(workdir):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
-    stopped = [line for line in stdout.splitlines() if "stopped by SIGTERM at step" in line]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    stopped = [line for line in stdout.splitlines() if "stopped by Ctrl-C at step" in line]
     assert stopped, stdout[-2000:]
     stop_step = int(stopped[0].split("at step ")[1].split(";")[0])
     assert 2 <= stop_step < 8
@@ -170,6 +173,67 @@ def test_sigterm_saves_and_a_resumed_run_logs_the_same_losses(reference, tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"starting at step {stop_step} of 8 (resumed" in out.stdout
     assert records(workdir) == records(reference)  # bit for bit
+
+
+def settings_kept(workdir: Path, reference: Path) -> None:
+    """The workdir's first config is the reference's, byte for byte, and no step moved."""
+    name = "config.json"
+    assert (workdir / name).read_bytes() == (reference / name).read_bytes()
+    assert not (workdir / "unreadable_checkpoints").exists()
+    assert checkpoint_steps(workdir) == checkpoint_steps(reference)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"quiet_star.n_ahead": 3, "optim.learning_rate": 0.5},
+     "quiet_star.n_ahead 4 -> 3 (other keys that differ: optim.learning_rate 0.001 -> 0.5)"),
+    ({"model.d_model": 32}, "model.d_model 64 -> 32"),
+])
+def test_a_resume_that_changes_a_fixed_setting_is_refused_in_one_line(reference, tmp_path, env,
+                                                                      overrides, named):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    out = train(workdir, env, **overrides)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: {workdir} holds a run whose settings a resume cannot change: {named}; resume "
+        f"with the saved values (see {workdir}/config.json), or train afresh in a new --workdir")
+    settings_kept(workdir, reference)
+    assert not (workdir / "config_history.jsonl").exists()
+
+
+def test_a_resume_goes_further_freely_and_changes_the_optimizer_when_asked(reference, tmp_path,
+                                                                           env):
+    """Further steps are a change a resume may make; a new learning rate needs
+    --resume_with_changes; a change the saved optimizer state cannot take is named as such."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    faster = {"train_steps": 9, "optim.learning_rate": 0.5}
+    out = train(workdir, env, **faster)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: resuming {workdir} would change optim.learning_rate 0.001 -> 0.5: pass "
+        "--resume_with_changes to go on with the new values (recorded in config_history.jsonl), "
+        "or resume with the saved ones")
+    out = subprocess.run([*command(workdir, faster), "--resume_with_changes"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("resuming with changed settings: optim.learning_rate 0.001 -> 0.5, train_steps 8 -> "
+            "9 (recorded in config_history.jsonl)") in out.stdout
+    assert records(workdir)[:len(records(reference))] == records(reference)
+    assert logged_steps(workdir)[-1] == 9
+    history = (workdir / "config_history.jsonl").read_text().splitlines()
+    assert [json.loads(x)["changes"] for x in history] == [
+        {"optim.learning_rate": [0.001, 0.5], "train_steps": [8, 9]}]
+
+    out = subprocess.run([*command(workdir, {**faster, "optim.grad_clip_norm": 0}),
+                          "--resume_with_changes"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: the saved state cannot take this resume's changes (optim.grad_clip_norm 1.0 -> "
+        "0.0): its arrays differ (train/opt_state/0/count: saved none, now []")
+    assert len((workdir / "config_history.jsonl").read_text().splitlines()) == 1
+    assert not (workdir / "unreadable_checkpoints").exists()
 
 
 def corrupt(step_dir: Path) -> None:
@@ -267,14 +331,18 @@ def test_no_readable_checkpoint_is_an_error_naming_them(reference, tmp_path, env
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(reference, tmp_path, env):
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
-    # Resume at step 8 with NaN thought embeddings: step 9's loss is NaN.
-    out = train(workdir, env, train_steps=10, **{"quiet_star.embedding_scale": "nan"})
+    # Resume at step 8 with a NaN learning rate: step 9's update makes every weight NaN, so step
+    # 10's loss is NaN (and no checkpoint is due before it).
+    changes = {"train_steps": 12, "optim.learning_rate": "nan", "checkpoint_every": 100}
+    out = subprocess.run([*command(workdir, changes),
+                          "--resume_with_changes"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: loss nan") and "at step 9" in last, last
+    assert last.startswith("error: loss nan") and "at step 10" in last, last
     assert "last checkpoint (step 8) is kept" in last
     assert checkpoint_steps(workdir) == [6, 8]
-    assert max(r["step"] for r in records(workdir)) == 8
+    assert max(r["step"] for r in records(workdir)) == 9  # the last finite step is logged
 
 
 @pytest.mark.parametrize("overrides, devices, message", [
@@ -417,14 +485,14 @@ def test_export_writes_a_checkpoint_transformers_scores_as_training_did(two_proc
     import torch
     import transformers
 
-    from qstar_jax import checkpoint, convert, data
+    from qstar_jax import convert, data, run_settings
     from qstar_jax import tokenizer as tokenizer_lib
 
     out = tmp_path / "hf"
     convert.main(["to-hf", "--checkpoint", str(two_processes), "--out", str(out)])
     assert f"wrote step 8 of {two_processes} to {out}" in capsys.readouterr().out
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
-    config = checkpoint.load_config(str(two_processes))
+    config = run_settings.load_config(str(two_processes))
     tok = tokenizer_lib.load(str(out))
     batch = data.heldout_batches(config.data, tok, seq_len=config.seq_len,
                                  global_batch=config.batch_size, num_batches=1)[0]
@@ -448,7 +516,7 @@ def test_export_writes_the_step_and_dtype_asked_for(two_processes, tmp_path, cap
     import jax.numpy as jnp
     import safetensors
 
-    from qstar_jax import checkpoint, convert, hf_checkpoint, loading
+    from qstar_jax import checkpoint, convert, hf_checkpoint, loading, run_settings
 
     out = tmp_path / "hf"
     convert.main(["to-hf", "--checkpoint", str(two_processes), "--step", "6", "--dtype",
@@ -459,25 +527,28 @@ def test_export_writes_the_step_and_dtype_asked_for(two_processes, tmp_path, cap
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
     exported = np.asarray(hf_checkpoint.from_hf(out)[1]["decoder"]["embed"]["embedding"])
     workdir = str(two_processes)
-    model = loading.load_model(checkpoint.load_config(workdir), workdir)
+    model = loading.load_model(run_settings.load_config(workdir), workdir)
     for step in (6, 8):
         _, saved = checkpoint.restore_params(workdir, step, model.abstract_params())
         rounded = np.asarray(saved["decoder"]["embed"]["embedding"]).astype(jnp.bfloat16)
         assert np.array_equal(exported, rounded.astype(np.float32)) == (step == 6), step
 
-    with pytest.raises(SystemExit, match=r"no step 7 \(saved: \[6, 8\]\)"):
+    with pytest.raises(SystemExit) as e:
         convert.main(["to-hf", "--checkpoint", workdir, "--step", "7", "--out",
                       str(tmp_path / "step7")])
-    with pytest.raises(SystemExit, match="already exists"):
+    assert e.value.code == 1 and "no step 7 (saved: [6, 8])" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         convert.main(["to-hf", "--checkpoint", workdir, "--out", str(out)])
+    assert e.value.code == 1 and "already exists" in capsys.readouterr().err
 
 
-def test_export_of_a_directory_without_a_run_is_a_one_line_error(tmp_path):
+def test_export_of_a_directory_without_a_run_is_a_one_line_error(tmp_path, capsys):
     from qstar_jax import convert
 
     with pytest.raises(SystemExit) as e:
         convert.main(["to-hf", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")])
-    message = str(e.value.code)
+    assert e.value.code == 1
+    message = capsys.readouterr().err.strip()
     assert message.startswith(f"error: {tmp_path}") and "\n" not in message
     assert "not a training workdir" in message and not (tmp_path / "hf").exists()
 
@@ -551,6 +622,21 @@ def test_every_config_holds_exactly_the_keys_a_run_reads(name):
                                                  "pad_id"}
     assert set(config.data) == set(data.default_config())
     assert set(config.optim) == set(optim.default_config())
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpu"])
+def test_random_model_configs_train_their_tokenizer_on_their_default_data(name, tmp_path):
+    """A random model's vocabulary must fit the text its config trains on by default, or the run
+    stops before its first step."""
+    import importlib
+
+    from qstar_jax import data
+    from qstar_jax import tokenizer as tokenizer_lib
+
+    config = importlib.import_module(name).get_config()
+    texts, _ = data.load_splits(config.data)
+    tok = tokenizer_lib.train_sentencepiece(texts, config.model.vocab_size, str(tmp_path))
+    assert tok.base_vocab_size == config.model.vocab_size  # before the two thought tokens
 
 
 def test_gpu_config_is_a_one_billion_parameter_model():
@@ -690,3 +776,44 @@ def test_named_shape_is_mistral_7b_with_thought_tokens_added():
     config.model.path = "mistral-8b"
     with pytest.raises(ValueError, match="no such directory, config.json or shape"):
         compile_check._weightless_model(config)
+
+
+def test_inspect_of_an_export_counts_the_parameters_train_counted(reference, tmp_path, capsys):
+    from qstar_jax import convert
+
+    convert.main(["to-hf", "--checkpoint", str(reference), "--out", str(tmp_path / "hf")])
+    convert.main(["inspect", "--path", str(tmp_path / "hf")])
+    out = capsys.readouterr().out
+    counted = re.search(r"model: ([\d,]+) parameters \(the thought parameters included",
+                        (reference / "stdout.txt").read_text()).group(1)
+    stored = int(counted.replace(",", "")) + 2 * 64  # the authors' unused rows, d_model 64
+    assert (f"parameters: {counted} (the model's, as train counts them) in 1 file(s); "
+            f"{stored:,} stored: start_embedding and end_embedding keep the authors' unused "
+            "second row") in out
+
+
+def test_own_documents_as_a_user_gives_them(tmp_path, env):
+    """A directory of ordinary 25 KB .txt documents trains a random model's tokenizer and its
+    steps; one .txt file, or a .jsonl file under the text source, is one line saying why not."""
+    import random
+
+    corpus, rng = tmp_path / "corpus", random.Random(0)
+    corpus.mkdir()
+    words = "the river ran past a mill where seven cats slept near warm stones today".split()
+    for i in range(30):
+        lines = (" ".join(rng.choices(words, k=rng.randint(4, 18))) for _ in range(420))
+        (corpus / f"doc{i}.txt").write_text("\n".join(lines))
+    assert min(f.stat().st_size for f in corpus.iterdir()) > 20_000
+    (tmp_path / "docs.jsonl").write_text('{"text": "a"}\n')
+    text = {"data.source": "text", "train_steps": 2, "data.heldout_fraction": 0.2}
+    out = train(tmp_path / "run", env, **text, **{"data.path": corpus})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run" / "tokenizer").is_dir() and logged_steps(tmp_path / "run") == [1, 2]
+    for path, message in (
+            (corpus / "doc0.txt", "gives one .txt file, which is one document"),
+            (tmp_path / "docs.jsonl", "ends in .jsonl but data.source=text: set "
+             "--config.data.source=jsonl")):
+        out = train(tmp_path / path.stem, env, **text, **{"data.path": path})
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, last

@@ -118,7 +118,7 @@ def test_cli_rejects_bad_text_files(checkpoint, tmp_path, capsys, content, messa
     with pytest.raises(SystemExit) as e:
         visualize.main(["--checkpoint", checkpoint, "--text", str(text_file),
                         "--out", str(tmp_path / "r.html")])
-    assert e.value.code == 2
+    assert e.value.code == 1  # found as the command runs
     err = capsys.readouterr().err
     assert message in err and "bad.txt" in err
     assert not (tmp_path / "r.html").exists()
@@ -162,7 +162,7 @@ def test_cli_checks_the_output_path_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         visualize.main(["--checkpoint", str(tmp_path / "no_model"), "--text", str(text_file),
                         "--out", str(tmp_path / "missing_dir" / "r.html")])
-    assert e.value.code == 2
+    assert e.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --out={tmp_path / 'missing_dir' / 'r.html'}: the directory ")
     assert "does not exist" in err and len(err.splitlines()) == 1
