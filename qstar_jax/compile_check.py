@@ -88,8 +88,9 @@ def compile_devices(accelerator: str) -> tuple[str, list[jax.Device]]:
         devices = list(topologies.get_topology_desc(topology, "tpu", **megacore).devices)
     except (RuntimeError, jax.errors.JaxRuntimeError) as e:
         raise ConfigError(f"--compile_only={accelerator}: no TPU topology {topology} "
-                          f"({str(e).splitlines()[0]}); compiling for a TPU needs libtpu "
-                          "(pip install libtpu)") from None
+                          f"({str(e).splitlines()[0]}); compiling for a TPU needs libtpu: "
+                          "make setup puts it in .venv/libtpu, so run with PYTHONPATH=.venv/libtpu "
+                          "(elsewhere: pip install libtpu==0.0.51)") from None
     if accelerator in V4_SLICES and len(devices) != int(accelerator[3:]) // 2:
         raise RuntimeError(f"{accelerator}: libtpu's topology {topology} has {len(devices)} "
                            f"devices, V4_SLICES expects {int(accelerator[3:]) // 2} chips")
@@ -134,6 +135,7 @@ def compile_only(config: ml_collections.ConfigDict, accelerator: str,
     report = {
         "accelerator": accelerator, "topology": topology, "devices": len(devices),
         "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+        "mesh_line": sharding.describe(mesh, config.mesh),
         "parameters": sum(math.prod(x.shape) for x in
                           jax.tree.leaves(trainer.abstract_state["params"])),
         "accum_batch_len": list(shape), "n_passes": cfg.n_passes, "n_ahead": cfg.n_ahead,

@@ -21,6 +21,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qstar_jax import mesh_layout
 from qstar_jax.errors import ConfigError
 from qstar_jax.model import abstract_params
 from qstar_jax.thoughts import MixingHead, QuietStarConfig
@@ -115,17 +116,25 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     """The run's mesh over `devices` (default: all devices of all processes; compile-only TPU
     devices for ahead-of-time compilation), axes in auto (GSPMD) mode; AUTO sizes are chosen
     for `global_batch` (see `mesh_shape`)."""
-    n_devices = len(devices) if devices is not None else jax.device_count()
-    shape = mesh_shape(sizes, n_devices, global_batch)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = mesh_shape(sizes, len(devices), global_batch)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    on_torus = mesh_layout.layout(shape, devices)  # a TPU slice: its axes split where needed
+    if on_torus is not None:
+        return Mesh(on_torus, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def describe(mesh: Mesh, sizes: Mapping[str, int] | None = None) -> str:
     """One line naming the mesh, e.g. 'data=2 fsdp=2 tensor=2 over 8 cpu devices (1 process)',
-    marking the sizes chosen because `sizes` (the config's) left them AUTO."""
-    axes = " ".join(f"{a}={s}" + (" (chosen)" if sizes is not None and sizes[a] == AUTO else "")
-                    for a, s in mesh.shape.items())
+    marking the sizes chosen because `sizes` (the config's) left them AUTO and, on a TPU slice,
+    the physical axes each spans ('fsdp=8 (chosen; z 4, y 2 of 4)')."""
+    def axis(i: int, name: str) -> str:
+        notes = [n for n in ("chosen" if sizes is not None and sizes[name] == AUTO else "",
+                             mesh_layout.placement(mesh.devices, i)) if n]
+        return f"{name}={mesh.shape[name]}" + (f" ({'; '.join(notes)})" if notes else "")
+
+    axes = " ".join(axis(i, name) for i, name in enumerate(mesh.axis_names))
     kind = mesh.devices.flat[0].device_kind
     return (f"{axes} over {mesh.devices.size} {kind} devices ({jax.process_count()} "
             f"process{'es' if jax.process_count() > 1 else ''})")
