@@ -182,6 +182,12 @@ class Checkpoints:
         else:
             logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
 
+    @property
+    def stopped_by(self) -> str:
+        """What asked the run to stop, as its user knows it: "Ctrl-C", "SIGTERM", or
+        "preemption" (several processes, where jax's preemption service listens)."""
+        return {"SIGINT": "Ctrl-C", None: "preemption"}.get(self.stop_signal, self.stop_signal)
+
     def should_stop(self, step: int) -> bool:
         """True once SIGTERM or Ctrl-C arrived (at a step all processes agree on): save, then
         stop."""
@@ -278,6 +284,12 @@ def _check_layout(step_dir: epath.Path, abstract_items: dict[str, Any]) -> None:
     if differ:
         more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
         raise LayoutMismatch(step_dir, f"{'; '.join(differ[:3])}{more}")
+
+
+def is_workdir(path: str) -> bool:
+    """Whether the local directory `path` is a training workdir (it holds checkpoints/), not a
+    model directory."""
+    return os.path.isdir(os.path.join(path, CHECKPOINT_DIR))
 
 
 def largest_array_bytes(abstract_state: Any) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -75,7 +74,7 @@ def _define_inspect(fv: flags.FlagValues) -> None:
 
 
 def _run_inspect(fv: flags.FlagValues) -> None:
-    if os.path.isdir(os.path.join(fv.path, checkpoint.CHECKPOINT_DIR)):
+    if checkpoint.is_workdir(fv.path):
         _inspect_workdir(fv.path)
         return
     cfg, count, stored, n_files, settings = hf_checkpoint.inspect(fv.path)

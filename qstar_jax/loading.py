@@ -201,7 +201,7 @@ def load_checkpoint(path: str, step: int | None = None, seed: int = 0
     settings, or a plain HF model given new thought parameters (`plain_model_thoughts`)."""
     if not os.path.isdir(path):
         raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
-    if os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR)):
+    if checkpoint.is_workdir(path):
         _, model, params = load_run(path, step)
         return model.cfg, params, model.tokenizer
     if step is not None:

@@ -285,8 +285,7 @@ def _loop(config, workdir, trainer: steps.Trainer, ckpts: checkpoint.Checkpoints
             saved = step
         if stop:
             ckpts.wait()
-            logs.say("stopped by %s at step %d; checkpoint saved", "Ctrl-C" if ckpts.stop_signal ==
-                     "SIGINT" else ckpts.stop_signal or "preemption", step)
+            logs.say("stopped by %s at step %d; checkpoint saved", ckpts.stopped_by, step)
             break
     ckpts.wait()
     records = log.records if log.enabled else []
